@@ -1,0 +1,139 @@
+"""Shared machinery for turning a HuggingFace checkpoint into a hookvene model.
+
+Each architecture's loader is a config translation plus a table of `Rule(hf_key, our_key)` rows; `{i}` stands
+for a layer index. `convert_state_dict` applies a table and refuses to guess: every checkpoint tensor must be
+used or explicitly dropped, every model tensor must be provided, and shapes must match.
+"""
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def same(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Rule:
+    src: str  # HF key, `{i}` = layer index
+    dst: str | None  # hookvene key; None drops the tensor
+    transform: Callable[[Tensor], Tensor] = same
+
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.escape(self.src).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: missing, unexpected or mis-shaped tensors, or a bad file."""
+
+
+def convert_state_dict(rules: list[Rule], src: dict[str, Tensor], model: nn.Module, what: str = "checkpoint",
+                       tied: dict[str, str] | None = None) -> dict[str, Tensor]:
+    """Rename `src` into `model`'s keys by `rules`; raise one error listing every mismatch.
+
+    `tied` maps a model key to another model key whose tensor it shares (a tied unembedding)."""
+    compiled = [(r, r.pattern()) for r in rules]
+    out: dict[str, Tensor] = {}
+    unexpected = []
+    for key, tensor in src.items():
+        for rule, pat in compiled:
+            m = pat.match(key)
+            if m:
+                if rule.dst is not None:
+                    out[rule.dst.replace("{i}", m.group(1)) if m.groups() else rule.dst] = rule.transform(tensor)
+                break
+        else:
+            unexpected.append(key)
+    for dst, src_key in (tied or {}).items():
+        if src_key in out:
+            out[dst] = out[src_key]
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in out]
+    extra = [k for k in out if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in out if k in expected and out[k].shape != expected[k].shape]
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected tensors (no rule uses them): {unexpected[:12]}")
+    if missing:
+        problems.append(f"missing tensors: {missing[:12]}")
+    if extra:
+        problems.append(f"tensors for layers the config does not have: {extra[:12]}")
+    if shapes:
+        problems.append(f"mis-shaped tensors: {shapes[:12]}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the model:\n  " + "\n  ".join(problems))
+    return out
+
+
+def check_config(hf_config: dict[str, Any], required: dict[str, Callable[[Any], bool] | Any], arch: str) -> None:
+    """Refuse HF config options this implementation does not compute (penzai-style), naming each one.
+
+    `required` maps an attribute to the value it must have (or a predicate); absent attributes are fine.
+    """
+    bad = []
+    for attr, want in required.items():
+        if attr not in hf_config:
+            continue
+        value = hf_config[attr]
+        ok = want(value) if callable(want) else value == want
+        if not ok:
+            bad.append(f"{attr}={value!r}")
+    if bad:
+        raise ValueError(f"hookvene's {arch} does not implement these config options: {', '.join(bad)}")
+
+
+def load_into(model: nn.Module, state: dict[str, Tensor], dtype: torch.dtype | None = None) -> nn.Module:
+    """Put converted tensors into a model built on the meta device, sharing them (no copy) where possible."""
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
+    state = {k: nn.Parameter(v.detach()) if k in params and not isinstance(v, nn.Parameter) else v
+             for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def read_checkpoint_dir(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config.json as a dict, state dict) of a local HF checkpoint directory (safetensors or .bin, sharded or not)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path!r} has no config.json, so it is not a HuggingFace checkpoint directory")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    files = _weight_files(path)
+    state: dict[str, Tensor] = {}
+    for file in files:
+        try:
+            if file.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state.update(load_file(file))
+            else:
+                state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as e:  # safetensors and torch raise many types for truncated or garbled files
+            raise CheckpointError(f"cannot read weights from {file} (corrupt or truncated?): {e}") from None
+    return config, state
+
+
+def _weight_files(path: str) -> list[str]:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(path, s) for s in shards]
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise CheckpointError(f"{path!r} has no model.safetensors or pytorch_model.bin weights")

@@ -1,0 +1,19 @@
+"""The hookvene model zoo: one readable file per architecture, a HookPoint at every activation.
+
+Dimension glossary (used in every jaxtyping annotation and einsum string):
+
+    batch    examples in a batch                     b
+    pos      token positions (q_pos / k_pos when queries and keys differ, e.g. with a KV cache)   q, k
+    enc_pos  T5 encoder positions seen by cross-attention
+    d_model  residual stream width
+    head     attention heads                          h
+    d_head   per-head width (d_model / head for GPT-2) d
+    d_mlp    MLP hidden width
+    d_vocab  vocabulary size
+    time     GRU time steps
+    d_hidden GRU hidden width
+"""
+
+from hookvene.models.gpt2 import GPT2, GPT2LM, GPT2Config
+
+__all__ = ["GPT2", "GPT2LM", "GPT2Config"]

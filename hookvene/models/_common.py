@@ -1,0 +1,162 @@
+"""Architecture-free helpers shared by the model files: head reshapes, masks, attention, KV cache, outputs."""
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from hookvene.hooks import HookPoint
+
+
+class HFAliases:
+    """Lets a model config answer to its HuggingFace attribute names (`config.n_embd` -> `config.d_model`)."""
+
+    hf_aliases: ClassVar[dict[str, str]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        alias = type(self).hf_aliases.get(name)
+        if alias is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(self, alias)
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def split_heads(x: Float[Tensor, "batch pos d"], n_heads: int) -> Float[Tensor, "batch pos head d_head"]:
+    return x.view(*x.shape[:-1], n_heads, -1)
+
+
+def merge_heads(z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "batch pos d"]:
+    return z.reshape(*z.shape[:-2], -1)
+
+
+def causal_mask(attention_mask: Int[Tensor, "batch k_pos"] | None, q_len: int, k_len: int, dtype: torch.dtype,
+                device: torch.device, fused_ok: bool = True) -> Float[Tensor, "batch 1 q_pos k_pos"] | None:
+    """Additive mask for causal attention over a key sequence whose last `q_len` entries are the queries.
+
+    Returns None when the plain causal mask is enough (no padding, no cached prefix), so attention can use
+    the fused causal kernel. Masked entries get the dtype's minimum, not -inf, so that a query with every key
+    masked (a left-padding position) yields a uniform pattern instead of NaN, as in `transformers`.
+    """
+    if fused_ok and attention_mask is None and q_len == k_len:
+        return None
+    q_idx = torch.arange(k_len - q_len, k_len, device=device)
+    allowed = q_idx[:, None] >= torch.arange(k_len, device=device)[None, :]  # q_pos k_pos
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    return padding_to_additive(allowed, dtype)
+
+
+def padding_to_additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def attend(q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos head d_head"],
+           v: Float[Tensor, "batch k_pos head d_head"], mask: Float[Tensor, "batch head q_pos k_pos"] | None,
+           *, causal: bool, scale: float, hook_scores: HookPoint,
+           hook_pattern: HookPoint) -> Float[Tensor, "batch q_pos head d_head"]:
+    """Scaled dot-product attention that exposes scores and pattern only when someone is looking.
+
+    With nothing attached to `hook_scores` / `hook_pattern` this is one fused `scaled_dot_product_attention`
+    call. With a hook attached, the same computation is spelled out so the hooks see (and may edit) the
+    pre-softmax scores and the pattern. `mask` is additive; `mask=None, causal=True` means plain causal.
+    """
+    if not (hook_scores.has_hooks or hook_pattern.has_hooks):
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+        return z.transpose(1, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if mask is None and causal:
+        mask = causal_mask(None, q.shape[1], k.shape[1], scores.dtype, scores.device, fused_ok=False)
+    if mask is not None:
+        scores = scores + mask
+    scores = hook_scores(scores)
+    pattern = hook_pattern(scores.softmax(dim=-1))
+    return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: weight stored as (in, out), so checkpoints load without a transpose."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class KVCache:
+    """Keys and values of every attention layer for the positions seen so far (generation)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+
+    def __len__(self) -> int:
+        """Number of cached positions."""
+        return next(iter(self.keys.values())).shape[1] if self.keys else 0
+
+    def update(self, layer: int, k: Float[Tensor, "batch pos head d_head"],
+               v: Float[Tensor, "batch pos head d_head"]) -> tuple[Tensor, Tensor]:
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=1)
+            v = torch.cat([self.values[layer], v], dim=1)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def reorder(self, index: Int[Tensor, " batch"]) -> None:
+        """Keep only (or repeat) the batch rows in `index`."""
+        for d in (self.keys, self.values):
+            for layer in d:
+                d[layer] = d[layer].index_select(0, index)
+
+
+@dataclass
+class ModelOutput:
+    """What a hookvene model returns; field names follow `transformers` so existing code keeps working."""
+
+    last_hidden_state: Tensor
+    logits: Tensor | None = None
+    loss: Tensor | None = None
+    past_key_values: KVCache | None = None
+    encoder_last_hidden_state: Tensor | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, i: int | str) -> Any:
+        return getattr(self, i) if isinstance(i, str) else self.to_tuple()[i]
+
+
+def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], labels: Int[Tensor, "batch pos"]) -> Tensor:
+    """Next-token cross-entropy as `transformers` computes it: labels shifted inside, -100 ignored."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def check_tokens(input_ids: Tensor, d_vocab: int, n_ctx: int | None, offset: int = 0) -> None:
+    """Clear errors instead of an IndexError deep inside an embedding lookup."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, pos), got {tuple(input_ids.shape)}")
+    if n_ctx is not None and offset + input_ids.shape[1] > n_ctx:
+        raise ValueError(f"sequence of {offset + input_ids.shape[1]} tokens is longer than the model's context "
+                         f"of {n_ctx} (n_ctx)")
+    if input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= d_vocab:
+            raise ValueError(f"token id {hi if hi >= d_vocab else lo} is outside the vocabulary [0, {d_vocab})")

@@ -1,0 +1,232 @@
+"""GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners") with a HookPoint on every
+activation.
+
+Features of the architecture:
+- learned absolute position embeddings added to token embeddings;
+- pre-LayerNorm blocks: x + attn(ln1(x)), then x + mlp(ln2(x));
+- causal multi-head attention with q, k, v fused in one projection and scores scaled by 1/sqrt(d_head);
+- MLP with the tanh-approximated GELU ("gelu_new"), d_mlp = 4 * d_model by default;
+- a final LayerNorm, and an unembedding tied to the token embedding.
+
+Parameters mirror the HuggingFace checkpoint (GPT-2's Conv1D stores weights as (in, out), and q, k, v stay fused),
+so loading is a renaming table (`hookvene/loading/gpt2.py`). There is no dropout: this is an analysis model, and
+`transformers` in eval mode computes the same function.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from hookvene.hooks import HookedModule, HookPoint
+from hookvene.models._common import (
+    ACTIVATIONS,
+    Conv1D,
+    HFAliases,
+    KVCache,
+    ModelOutput,
+    attend,
+    causal_mask,
+    check_tokens,
+    lm_loss,
+    merge_heads,
+    split_heads,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPT2Config(HFAliases):
+    d_vocab: int = 50257
+    n_ctx: int = 1024
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_mlp: int = 3072
+    act_fn: str = "gelu_new"
+    ln_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    hf_aliases: ClassVar[dict[str, str]] = {
+        "vocab_size": "d_vocab", "n_positions": "n_ctx", "max_position_embeddings": "n_ctx",
+        "n_embd": "d_model", "hidden_size": "d_model", "n_layer": "n_layers", "num_hidden_layers": "n_layers",
+        "n_head": "n_heads", "num_attention_heads": "n_heads", "n_inner": "d_mlp",
+        "layer_norm_epsilon": "ln_eps", "activation_function": "act_fn",
+    }
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.act_fn not in ACTIVATIONS:
+            raise ValueError(f"act_fn={self.act_fn!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose output (after the affine map) is a hook point."""
+
+    def __init__(self, d_model: int, eps: float) -> None:
+        super().__init__(d_model, eps=eps)
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.hook_normalized(super().forward(x))
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention; q, k, v come from one fused projection (HF: attn.c_attn)."""
+
+    def __init__(self, cfg: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_heads, self.scale = layer, cfg.n_heads, cfg.d_head**-0.5
+        self.qkv = Conv1D(cfg.d_model, 3 * cfg.d_model)
+        self.out = Conv1D(cfg.d_model, cfg.d_model)  # HF: attn.c_proj
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], mask: Tensor | None,
+                cache: KVCache | None) -> Float[Tensor, "batch pos d_model"]:
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
+        q = self.hook_q(split_heads(q, self.n_heads))  # batch pos head d_head
+        k = self.hook_k(split_heads(k, self.n_heads))
+        v = self.hook_v(split_heads(v, self.n_heads))
+        if cache is not None:  # generation: attend to the cached prefix too; hooks saw only the new positions
+            k, v = cache.update(self.layer, k, v)
+        z = attend(q, k, v, mask, causal=True, scale=self.scale,
+                   hook_scores=self.hook_attn_scores, hook_pattern=self.hook_pattern)
+        z = self.hook_z(z)  # batch pos head d_head: each head's mix of values, before the output projection
+        return self.out(merge_heads(z))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.fc = Conv1D(cfg.d_model, cfg.d_mlp)  # HF: mlp.c_fc
+        self.proj = Conv1D(cfg.d_mlp, cfg.d_model)  # HF: mlp.c_proj
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(self.fc(x))  # batch pos d_mlp
+        post = self.hook_post(self.act(pre))
+        return self.proj(post)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer: int) -> None:
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.attn = Attention(cfg, layer)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], mask: Tensor | None,
+                cache: KVCache | None) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, cache))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class GPT2(HookedModule):
+    """GPT-2 without the LM head: returns `ModelOutput.last_hidden_state` (after the final LayerNorm)."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)  # HF: wte
+        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)  # HF: wpe
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+
+    def forward(self, input_ids: Int[Tensor, "batch pos"] | None = None,
+                attention_mask: Int[Tensor, "batch k_pos"] | None = None,
+                position_ids: Int[Tensor, "batch pos"] | None = None,
+                inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False) -> ModelOutput:
+        """`attention_mask` covers the cached prefix plus the new positions (1 = real token, 0 = padding).
+        Positions default to 0, 1, ... after the cached prefix, as in `transformers`; left-padded generation
+        passes `position_ids` explicitly."""
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
+        past = len(cache) if cache is not None else 0
+        if inputs_embeds is None:
+            check_tokens(input_ids, self.cfg.d_vocab, self.cfg.n_ctx, past)
+            inputs_embeds = self.embed(input_ids)
+        n_pos = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + n_pos, device=inputs_embeds.device)[None]
+        embed = self.hook_embed(inputs_embeds)
+        pos_embed = self.hook_pos_embed(self.pos_embed(position_ids))
+        mask = causal_mask(attention_mask, n_pos, past + n_pos, embed.dtype, embed.device)
+        x = embed + pos_embed
+        for block in self.blocks:
+            x = block(x, mask, cache)
+        return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
+
+    # HuggingFace attribute names (`gpt2.wte.weight`, `model.transformer.h[0]`); hook names do not change.
+    @property
+    def config(self) -> GPT2Config:
+        return self.cfg
+
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.embed
+
+    @property
+    def wpe(self) -> nn.Embedding:
+        return self.pos_embed
+
+    @property
+    def h(self) -> nn.ModuleList:
+        return self.blocks
+
+    @property
+    def ln_f(self) -> LayerNorm:
+        return self.ln_final
+
+    @property
+    def transformer(self) -> "GPT2":
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+
+class GPT2LM(GPT2):
+    """GPT-2 with its (tied) unembedding: also returns `logits`, and `loss` when `labels` are given."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__(cfg)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)  # HF: lm_head
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.hook_logits = HookPoint()
+
+    def forward(self, input_ids: Int[Tensor, "batch pos"] | None = None,
+                attention_mask: Int[Tensor, "batch k_pos"] | None = None,
+                position_ids: Int[Tensor, "batch pos"] | None = None,
+                inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                labels: Int[Tensor, "batch pos"] | None = None) -> ModelOutput:
+        out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache)
+        out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
+        if labels is not None:
+            out.loss = lm_loss(out.logits, labels)
+        return out
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.unembed

@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import make_tokenizer, save_checkpoint, tiny_gpt2  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, tokenizer):
+    """A 12-layer, 256-wide random GPT-2 with a tokenizer: big enough for every layer/subspace the spec uses."""
+    hf = tiny_gpt2(tokenizer, n_embd=256, n_layer=12, n_head=8, n_inner=512)
+    return save_checkpoint(hf, tokenizer, str(tmp_path_factory.mktemp("gpt2")))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

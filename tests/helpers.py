@@ -1,0 +1,52 @@
+"""Tiny local stand-ins for hub checkpoints: a byte-level BPE tokenizer and random-initialised HF models.
+
+Nothing here touches the network; every checkpoint is built from a config and saved to a temporary directory.
+"""
+
+import os
+
+import torch
+
+CORPUS = [
+    "When John and Mary went to the shops, Mary gave the book to John.",
+    "The capital of Spain is Madrid. The capital of Italy is Rome. The capital of China is Beijing.",
+    "The language of Spain is Spanish. The Space Needle is in downtown Seattle.",
+    "The Colosseum is in the city of Rome. The Eiffel Tower is in the city of Paris.",
+    "John and Mary went to the store. Alice and Bob went to the store.",
+    "Once upon a time there was a little girl. I am very happy and I am very sad and today I feel good.",
+    "Hello world. happy sad Paris Rome Seattle Madrid Italy Spain China the a of in is to and",
+]
+
+
+def make_tokenizer(vocab_size: int = 600):
+    """A GPT-2-style byte-level BPE tokenizer trained on CORPUS (leading-space tokens like ' Rome')."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+def save_checkpoint(model, tokenizer, path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_gpt2(tokenizer=None, seed: int = 0, **overrides):
+    """A random GPT2LMHeadModel in eval mode with eager attention (so HF exposes attention patterns)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    kw = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+              vocab_size=len(tokenizer) if tokenizer is not None else 101, bos_token_id=0, eos_token_id=0)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**kw, attn_implementation="eager")).eval()

@@ -1,7 +1,42 @@
-"""hookvene: hooked, readable models (GPT-2, GPT-Neo, T5, GRU) with a pyvene-style intervention API."""
+"""hookvene: hooked, readable models (GPT-2, GPT-Neo, T5, GRU) with a pyvene-style intervention API.
 
+    import hookvene as pv
+    _, tokenizer, gpt2 = pv.create_gpt2("path/to/checkpoint")
+    out, cache = gpt2.run_with_cache(tokenizer("Hello", return_tensors="pt").input_ids)
+"""
+
+from hookvene import models
+from hookvene.components import Site, type_to_dimension_mapping, type_to_module_mapping
+from hookvene.config import IntervenableConfig, RepresentationConfig
+from hookvene.create import create_gpt2, create_gpt2_lm, create_gpt_neo, create_t5
 from hookvene.hooks import ActivationCache, HookedModule, HookPoint, act_name
+from hookvene.intervenable import IntervenableModel, IntervenableModelOutput
+from hookvene.interventions import (
+    AdditionIntervention,
+    BasisAgnosticIntervention,
+    BoundlessRotatedSpaceIntervention,
+    CollectIntervention,
+    ConstantSourceIntervention,
+    DistributedRepresentationIntervention,
+    Intervention,
+    LambdaIntervention,
+    LocalistRepresentationIntervention,
+    LowRankRotatedSpaceIntervention,
+    NoiseIntervention,
+    RotatedSpaceIntervention,
+    SharedWeightsTrainableIntervention,
+    SigmoidMaskIntervention,
+    SigmoidMaskRotatedSpaceIntervention,
+    SkipIntervention,
+    SourcelessIntervention,
+    SubtractionIntervention,
+    TrainableIntervention,
+    VanillaIntervention,
+    ZeroIntervention,
+)
 from hookvene.loading import from_pretrained, zoo_models
-from hookvene.models import GPT2, GPT2LM, GPT2Config
+from hookvene.locations import GET_LOC
+from hookvene.models import GPT2, GPT2LM, GPT2Config, GPTNeo, GPTNeoConfig, GPTNeoLM
+from hookvene.utils import count_parameters, embed_to_distrib, format_token, set_seed, top_vals
 
 __version__ = "0.1.0"

@@ -81,7 +81,7 @@ class HookHandle:
 
     def remove(self) -> None:
         fns = self.point.fwd_fns if self.dir == "fwd" else self.point.bwd_fns
-        for i, f in enumerate(fns):
+        for i, f in reversed(list(enumerate(fns))):  # the latest copy: contexts unwind LIFO
             if f is self.fn:
                 del fns[i]
                 return
@@ -100,7 +100,7 @@ class HookedModule(nn.Module):
 
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
-        """Every HookPoint by full name (its module path), in forward order."""
+        """Every HookPoint by full name (its module path), in module order, not always firing order."""
         cached = self.__dict__.get("_hook_dict")
         if cached is None:
             cached = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}

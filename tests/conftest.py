@@ -18,7 +18,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory, tokenizer):
     """A 12-layer, 256-wide random GPT-2 with a tokenizer: big enough for every layer/subspace the spec uses."""
-    hf = tiny_gpt2(tokenizer, n_embd=256, n_layer=12, n_head=8, n_inner=512)
+    hf = tiny_gpt2(tokenizer, n_embd=256, n_layer=12, n_head=16, n_inner=512)
     return save_checkpoint(hf, tokenizer, str(tmp_path_factory.mktemp("gpt2")))
 
 

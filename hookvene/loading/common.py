@@ -93,10 +93,21 @@ def check_config(hf_config: dict[str, Any], required: dict[str, Callable[[Any], 
 def load_into(model: nn.Module, state: dict[str, Tensor], dtype: torch.dtype | None = None) -> nn.Module:
     """Put converted tensors into a model built on the meta device, sharing them (no copy) where possible."""
     if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+        converted: dict[int, Tensor] = {}
+        for v in state.values():
+            converted.setdefault(id(v), v.to(dtype))
+        state = {k: converted[id(v)] for k, v in state.items()}
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
-    state = {k: nn.Parameter(v.detach()) if k in params and not isinstance(v, nn.Parameter) else v
-             for k, v in state.items()}
+    made: dict[int, nn.Parameter] = {}  # one Parameter per source tensor, so tied weights stay one Parameter
+
+    def as_param(v: Tensor) -> nn.Parameter:
+        if isinstance(v, nn.Parameter):
+            return v
+        if id(v) not in made:
+            made[id(v)] = nn.Parameter(v.detach())
+        return made[id(v)]
+
+    state = {k: as_param(v) if k in params else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from hookvene.loading.common import Rule, check_config, convert_state_dict
-from hookvene.models.gpt2 import GPT2, GPT2Config, GPT2LM
+from hookvene.models.gpt2 import GPT2, GPT2LM, GPT2Config
 
 RULES = [
     # HF key (after stripping `transformer.`)  hookvene key

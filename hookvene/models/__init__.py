@@ -15,5 +15,6 @@ Dimension glossary (used in every jaxtyping annotation and einsum string):
 """
 
 from hookvene.models.gpt2 import GPT2, GPT2LM, GPT2Config
+from hookvene.models.gpt_neo import GPTNeo, GPTNeoConfig, GPTNeoLM
 
-__all__ = ["GPT2", "GPT2LM", "GPT2Config"]
+__all__ = ["GPT2", "GPT2LM", "GPT2Config", "GPTNeo", "GPTNeoConfig", "GPTNeoLM"]

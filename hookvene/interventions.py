@@ -1,0 +1,403 @@
+"""Intervention types: pure functions of (base, source, subspaces), wrapped as modules so trainable ones hold weights.
+
+`base` is what the IntervenableModel gathered at the intervention's location (e.g. `(batch, units, d)` for unit
+`pos`), `source` the matching activations from a source run (or a constant), `subspaces` the per-example dimension
+lists (or subspace-partition ids) that the call touches. Each `forward` returns the new value for `base`; none edits
+its inputs in place. Notation in the docstrings: b = base, s = source, S = the selected dimensions, R = rotation.
+
+Departures from pyvene (each a pyvene defect, see README "Semantics"): per-example subspaces apply to their own
+example (not the union to all); NoiseIntervention works for any number of units and draws fresh seeded noise;
+Boundless/SigmoidMask temperatures are buffers, not trainable parameters.
+"""
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Intervention(nn.Module):
+    """Base class. Accepts every RepresentationConfig field as a keyword (user subclasses may ignore them)."""
+
+    trainable = False
+    is_source_constant = False  # True: needs no source run (constant source, or none at all)
+    is_repr_distributed = False  # True: units are flattened into one vector before the call (DAS-style)
+    uses_module_input = False  # True (Skip): the source is the hooked module's *input* on the source run
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.embed_dim: int | None = kwargs.get("embed_dim")
+        self.interchange_dim: int | None = self.embed_dim
+        self.subspace_partition = kwargs.get("subspace_partition")
+        self.keep_last_dim = bool(kwargs.get("keep_last_dim", False))
+        self.use_fast = bool(kwargs.get("use_fast", False))
+        source = kwargs.get("source_representation")
+        self.register_buffer("source_representation", None if source is None else torch.as_tensor(source))
+        if source is not None or kwargs.get("hidden_source_representation"):
+            self.is_source_constant = True
+
+    def set_source_representation(self, source: Tensor) -> None:
+        self.source_representation = torch.as_tensor(source)
+        self.is_source_constant = True
+
+    def set_interchange_dim(self, interchange_dim: int) -> None:
+        self.interchange_dim = interchange_dim
+
+    # -- helpers shared by the concrete types --------------------------------------------------------------
+
+    def resolve_source(self, base: Tensor, source: Tensor | None) -> Tensor:
+        """The source to use, broadcast to base's shape (a `(d,)` vector covers every example and unit)."""
+        if self.source_representation is not None:
+            source = self.source_representation
+        if source is None:
+            raise ValueError(f"{type(self).__name__} needs a source: pass `sources=`, `source_representations=`, "
+                             f"or set `source_representation` in its RepresentationConfig")
+        source = source.to(device=base.device, dtype=base.dtype)
+        if source.shape[-1] != base.shape[-1]:
+            raise ValueError(f"source width {source.shape[-1]} does not match the intervened representation's "
+                             f"width {base.shape[-1]} (shape {tuple(base.shape)})")
+        if source.dim() == 2 and base.dim() > 2 and source.shape[0] == base.shape[0]:
+            source = source.view(source.shape[0], *[1] * (base.dim() - 2), source.shape[-1])  # one vector per example
+        try:
+            return torch.broadcast_to(source, base.shape)
+        except RuntimeError:
+            raise ValueError(f"source of shape {tuple(source.shape)} cannot be broadcast to the intervened "
+                             f"representation's shape {tuple(base.shape)}") from None
+
+    def subspace_dims(self, ids: Any, width: int) -> list[int]:
+        """Dimension indices for one example's subspace list (partition ids when a partition is set)."""
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        if self.subspace_partition is not None:
+            parts = self.subspace_partition
+            dims: list[int] = []
+            for i in ids:
+                if not 0 <= i < len(parts):
+                    raise ValueError(f"subspace partition id {i} out of range: the partition has {len(parts)} "
+                                     f"parts {parts}")
+                p = parts[i]
+                # [a, b] is the half-open range a..b-1 (pyvene's format); a range or a longer list is explicit
+                dims += list(range(p[0], p[1])) if isinstance(p, list | tuple) and len(p) == 2 else list(p)
+            ids = dims
+        bad = [i for i in ids if not -width <= i < width]
+        if bad:
+            raise ValueError(f"subspace index {bad[0]} out of range for a {width}-dimensional representation")
+        return ids
+
+    def subspace_mask(self, base: Tensor, subspaces: Any) -> Tensor | None:
+        """Boolean mask over base's last dim (one row per example), or None when every dimension is touched."""
+        width = base.shape[-1]
+        if subspaces is None:
+            if self.interchange_dim is None or self.interchange_dim >= width:
+                return None
+            mask = torch.zeros(1, width, dtype=torch.bool)
+            mask[:, : self.interchange_dim] = True
+        else:
+            rows = subspaces if isinstance(subspaces, list | tuple) else [subspaces]
+            if len(rows) not in (1, base.shape[0]):
+                raise ValueError(f"subspaces have {len(rows)} rows for a batch of {base.shape[0]}")
+            mask = torch.zeros(len(rows), width, dtype=torch.bool)
+            for r, ids in enumerate(rows):
+                mask[r, self.subspace_dims(ids, width)] = True
+        return mask.view(mask.shape[0], *[1] * (base.dim() - 2), width).to(base.device)
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        raise NotImplementedError
+
+
+class TrainableIntervention(Intervention):
+    """Has parameters that `IntervenableModel.get_trainable_parameters()` returns and `save()` writes."""
+
+    trainable = True
+
+    def tie_weight(self, linked_intervention: "Intervention") -> None:
+        """Linked interventions share one object, so there is nothing to tie."""
+
+
+class SharedWeightsTrainableIntervention(TrainableIntervention):
+    shared_weights = True
+
+
+class ConstantSourceIntervention(Intervention):
+    """Needs no source run (its source is a constant, or it uses none)."""
+
+    is_source_constant = True
+
+
+class SourcelessIntervention(ConstantSourceIntervention):
+    """An intervention that ignores sources altogether."""
+
+
+class BasisAgnosticIntervention(Intervention):
+    basis_agnostic = True
+
+
+class LocalistRepresentationIntervention(nn.Module):
+    """Marker: acts on each unit's vector separately (no flattening)."""
+
+    is_repr_distributed = False
+
+
+class DistributedRepresentationIntervention(nn.Module):
+    """Marker: the selected units are flattened into one vector before the call (rotations span units)."""
+
+    is_repr_distributed = True
+
+
+class VanillaIntervention(Intervention, LocalistRepresentationIntervention):
+    """Interchange (activation patching): b[..., S] = s[..., S]."""
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        mask = self.subspace_mask(base, subspaces)
+        return source.clone() if mask is None else torch.where(mask, source, base)
+
+
+class SkipIntervention(BasisAgnosticIntervention, LocalistRepresentationIntervention):
+    """b[..., S] = s[..., S] where s is the hooked module's *input* on the source run: skips the module
+    (e.g. block_output := block_input at the chosen positions)."""
+
+    uses_module_input = True
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        return VanillaIntervention.forward(self, base, source, subspaces)  # type: ignore[arg-type]
+
+
+class AdditionIntervention(BasisAgnosticIntervention, LocalistRepresentationIntervention):
+    """Steering: b[..., S] += s[..., S]."""
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        mask = self.subspace_mask(base, subspaces)
+        return base + (source if mask is None else source * mask)
+
+
+class SubtractionIntervention(BasisAgnosticIntervention, LocalistRepresentationIntervention):
+    """b[..., S] -= s[..., S]."""
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        mask = self.subspace_mask(base, subspaces)
+        return base - (source if mask is None else source * mask)
+
+
+class ZeroIntervention(ConstantSourceIntervention, LocalistRepresentationIntervention):
+    """Ablation: b[..., S] = 0."""
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        mask = self.subspace_mask(base, subspaces)
+        return torch.zeros_like(base) if mask is None else base.masked_fill(mask, 0)
+
+
+class CollectIntervention(ConstantSourceIntervention):
+    """Returns b[..., S] for the caller to keep; the model's activation is left untouched."""
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        if subspaces is None:
+            return base
+        rows = subspaces if isinstance(subspaces, list | tuple) else [subspaces]
+        dims = [self.subspace_dims(r, base.shape[-1]) for r in rows]
+        if all(d == dims[0] for d in dims):
+            return base[..., dims[0]]
+        if len({len(d) for d in dims}) != 1:
+            raise ValueError("CollectIntervention needs the same number of subspace dims for every example")
+        index = torch.tensor(dims, device=base.device).view(len(dims), *[1] * (base.dim() - 2), -1)
+        return base.gather(-1, index.expand(*base.shape[:-1], index.shape[-1]))
+
+
+class NoiseIntervention(ConstantSourceIntervention, LocalistRepresentationIntervention):
+    """ROME-style corruption: b[..., S] += noise_level * N(0, 1).
+
+    `noise_level` is the absolute standard deviation of the added noise. ROME uses 3x the standard deviation of
+    the model's token embeddings; the default 0.1346 is that value for GPT-2 XL (pyvene's default). For another
+    model pass `noise_level=3 * model.embed.weight.std()` (the experiments toolkit estimates it for you).
+    Noise is drawn fresh on every call from the intervention's own generator seeded with `seed` (default 0), so
+    a newly built intervention replays the same draws; `reseed()` restarts them. Works for any number of units.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.noise_level = float(kwargs.get("noise_level", kwargs.get("noise_leve", 0.13462981581687927)))
+        self.seed = int(kwargs.get("seed", 0))
+        self.reseed()
+
+    def reseed(self, seed: int | None = None) -> None:
+        self.seed = self.seed if seed is None else seed
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        noise = torch.randn(base.shape, generator=self.generator).to(base) * self.noise_level
+        mask = self.subspace_mask(base, subspaces)
+        return base + (noise if mask is None else noise * mask)
+
+
+class RotateLayer(nn.Module):
+    """x @ W with W (n, m) kept orthonormal by torch's orthogonal parametrization (see `rotation()`)."""
+
+    def __init__(self, n: int, m: int | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, m or n))
+        nn.init.orthogonal_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.to(self.weight.dtype) @ self.weight
+
+
+def rotation(n: int, m: int | None = None) -> nn.Module:
+    return nn.utils.parametrizations.orthogonal(RotateLayer(n, m))
+
+
+def _need_embed_dim(kwargs: dict[str, Any], name: str) -> int:
+    if kwargs.get("embed_dim") is None:
+        raise ValueError(f"{name} needs embed_dim (known for every built-in component; pass it for raw hook names)")
+    return int(kwargs["embed_dim"])
+
+
+class RotatedSpaceIntervention(TrainableIntervention, DistributedRepresentationIntervention):
+    """DAS (Geiger et al. 2023): rotate, interchange S, rotate back: out = (Rb with [S] <- Rs) R^T."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rotate_layer = rotation(_need_embed_dim(kwargs, type(self).__name__))
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        rb, rs = self.rotate_layer(base), self.rotate_layer(source)
+        mask = self.subspace_mask(rb, subspaces)
+        mixed = rs if mask is None else torch.where(mask, rs, rb)
+        return (mixed @ self.rotate_layer.weight.T).to(base.dtype)
+
+
+class LowRankRotatedSpaceIntervention(TrainableIntervention, DistributedRepresentationIntervention):
+    """DAS in a learned k-dim subspace W (n, k), orthonormal columns: out = b + ((s - b) W[:, S]) W[:, S]^T."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        k = kwargs.get("low_rank_dimension")
+        if k is None:
+            raise ValueError("LowRankRotatedSpaceIntervention needs low_rank_dimension")
+        self.rotate_layer = rotation(_need_embed_dim(kwargs, type(self).__name__), int(k))
+        self.interchange_dim = int(k)
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        w = self.rotate_layer.weight
+        diff = self.rotate_layer(source) - self.rotate_layer(base)  # ... k
+        mask = self.subspace_mask(diff, subspaces)
+        if mask is not None:
+            diff = diff * mask
+        return (base.to(w.dtype) + diff @ w.T).to(base.dtype)
+
+
+def sigmoid_boundary(x: Tensor, lo: Tensor | float, hi: Tensor | float, temperature: Tensor | float) -> Tensor:
+    return torch.sigmoid((x - lo) / temperature) * torch.sigmoid((hi - x) / temperature)
+
+
+class BoundlessRotatedSpaceIntervention(TrainableIntervention, DistributedRepresentationIntervention):
+    """Boundless DAS (Wu et al. 2023): a learned soft boundary beta picks the rotated dims to interchange:
+    m_i = sigmoid(i / T) * sigmoid((beta n - i) / T); out = ((1 - m) Rb + m Rs) R^T. Set T with
+    `set_temperature` (annealed during training); it is a buffer, not a parameter."""
+
+    is_repr_distributed = False  # as in pyvene, applied to each unit's vector (not flattened)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        n = _need_embed_dim(kwargs, type(self).__name__)
+        self.rotate_layer = rotation(n)
+        self.intervention_boundaries = nn.Parameter(torch.tensor([0.5]))
+        self.register_buffer("temperature", torch.tensor(50.0))
+        self.register_buffer("intervention_population", torch.arange(n, dtype=torch.float32), persistent=False)
+
+    def get_boundary_parameters(self) -> Tensor:
+        return self.intervention_boundaries
+
+    def get_temperature(self) -> Tensor:
+        return self.temperature
+
+    def set_temperature(self, temp: float) -> None:
+        self.temperature.fill_(temp)
+
+    def set_intervention_boundaries(self, value: float) -> None:
+        with torch.no_grad():
+            self.intervention_boundaries.fill_(value)
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        rb, rs = self.rotate_layer(base), self.rotate_layer(source)
+        n = rb.shape[-1]
+        beta = torch.clamp(self.intervention_boundaries, 1e-3, 1.0)
+        m = sigmoid_boundary(self.intervention_population[:n], 0.0, beta * n, self.temperature).to(rb.dtype)
+        return (((1 - m) * rb + m * rs) @ self.rotate_layer.weight.T).to(base.dtype)
+
+
+class SigmoidMaskRotatedSpaceIntervention(TrainableIntervention, DistributedRepresentationIntervention):
+    """A learned per-dimension soft mask in the rotated space: m = sigmoid(masks / T); out = ((1-m) Rb + m Rs) R^T."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        n = _need_embed_dim(kwargs, type(self).__name__)
+        self.rotate_layer = rotation(n)
+        self.masks = nn.Parameter(torch.full((n,), 100.0))
+        self.register_buffer("temperature", torch.tensor(50.0))
+
+    def get_boundary_parameters(self) -> Tensor:
+        return self.masks
+
+    def get_temperature(self) -> Tensor:
+        return self.temperature
+
+    def set_temperature(self, temp: float) -> None:
+        self.temperature.fill_(temp)
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        rb, rs = self.rotate_layer(base), self.rotate_layer(source)
+        m = torch.sigmoid(self.masks / self.temperature).to(rb.dtype)
+        return (((1 - m) * rb + m * rs) @ self.rotate_layer.weight.T).to(base.dtype)
+
+
+class SigmoidMaskIntervention(TrainableIntervention, LocalistRepresentationIntervention):
+    """A learned soft mask in the original basis: m = sigmoid(mask / T); out = (1 - m) b + m s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mask = nn.Parameter(torch.zeros(_need_embed_dim(kwargs, type(self).__name__)))
+        self.register_buffer("temperature", torch.tensor(0.01))
+
+    def get_temperature(self) -> Tensor:
+        return self.temperature
+
+    def set_temperature(self, temp: float) -> None:
+        self.temperature.fill_(temp)
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        m = torch.sigmoid(self.mask / self.temperature).to(base.dtype)
+        return (1 - m) * base + m * source
+
+
+class LambdaIntervention(Intervention):
+    """Wraps a plain function `f(base, source)` or `f(base, source, subspaces)`; it gets no flattening."""
+
+    def __init__(self, fn: Callable[..., Tensor], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fn = fn
+        params = inspect.signature(fn).parameters.values()
+        self.takes_subspaces = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        return self.fn(base, source, subspaces) if self.takes_subspaces else self.fn(base, source)
+
+
+def build_intervention(kind: Any, **kwargs: Any) -> Intervention:
+    """An intervention from a class, an existing object (used as is), or a plain function."""
+    if isinstance(kind, type) and issubclass(kind, nn.Module):
+        return kind(**kwargs)
+    if isinstance(kind, nn.Module):
+        return kind
+    if callable(kind):
+        out = LambdaIntervention(kind, **kwargs)
+        out.is_source_constant = kwargs.get("source_representation") is not None
+        return out
+    raise ValueError(f"not an intervention: {kind!r} (give an Intervention class, object, or a function)")

@@ -1,0 +1,266 @@
+"""GPT-Neo (Black et al. 2021, EleutherAI; also the TinyStories models) with a HookPoint on every activation.
+
+Identical to GPT-2 (`hookvene/models/gpt2.py`) except:
+1. no 1/sqrt(d_head) score scaling, and attention is computed in float32 (`transformers` upcasts q and k: the
+   unscaled scores overflow float16);
+2. layers alternate global (plain causal) and local attention, where a query sees only the last `window_size`
+   positions (itself included);
+3. q, k, v are three separate projections without bias, stored as `nn.Linear` (out, in), as is the MLP, so
+   checkpoints load without a transpose (`hookvene/loading/gpt_neo.py`).
+
+The per-layer global/local choice is resolved in `__init__` into data, one window size per layer (a global
+layer's window is the whole context), so `forward` has no branch on the layer type. There is no dropout: this
+is an analysis model, and `transformers` in eval mode computes the same function.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from hookvene.hooks import HookedModule, HookPoint
+from hookvene.models._common import (
+    ACTIVATIONS,
+    HFAliases,
+    KVCache,
+    ModelOutput,
+    attend,
+    causal_mask,
+    check_tokens,
+    lm_loss,
+    merge_heads,
+    split_heads,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTNeoConfig(HFAliases):
+    """Defaults are EleutherAI/gpt-neo-125M. `attention_types`: "global" or "local", one per layer."""
+
+    d_vocab: int = 50257
+    n_ctx: int = 2048
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_mlp: int = 3072
+    act_fn: str = "gelu_new"
+    ln_eps: float = 1e-5
+    window_size: int = 256
+    attention_types: tuple[str, ...] = ("global", "local") * 6
+    tie_word_embeddings: bool = True
+
+    hf_aliases: ClassVar[dict[str, str]] = {
+        "vocab_size": "d_vocab", "max_position_embeddings": "n_ctx", "n_positions": "n_ctx",
+        "hidden_size": "d_model", "n_embd": "d_model", "num_layers": "n_layers", "n_layer": "n_layers",
+        "num_hidden_layers": "n_layers", "num_heads": "n_heads", "n_head": "n_heads",
+        "num_attention_heads": "n_heads", "intermediate_size": "d_mlp", "layer_norm_epsilon": "ln_eps",
+        "activation_function": "act_fn", "attention_layers": "attention_types",
+    }
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.act_fn not in ACTIVATIONS:
+            raise ValueError(f"act_fn={self.act_fn!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+        if len(self.attention_types) != self.n_layers or not set(self.attention_types) <= {"global", "local"}:
+            raise ValueError(f"attention_types must name 'global' or 'local' for each of the {self.n_layers} "
+                             f"layers, got {self.attention_types!r}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """How many positions back each layer's queries see (themselves included)."""
+        return tuple(self.window_size if t == "local" else self.n_ctx for t in self.attention_types)
+
+
+def sliding_causal_mask(attention_mask: Int[Tensor, "batch k_pos"] | None, q_len: int, k_len: int,
+                        window: int, dtype: torch.dtype,
+                        device: torch.device) -> Float[Tensor, "batch 1 q_pos k_pos"] | None:
+    """`causal_mask` that also hides keys `window` or more positions behind the query: query i sees keys j
+    with i - window < j <= i (`transformers` bands its causal buffer the same way). Positions are indices into
+    the key sequence, cached prefix included, so the window holds with a KV cache."""
+    if window >= k_len:  # the band covers every key: plain causal attention (the fused kernel when possible)
+        return causal_mask(attention_mask, q_len, k_len, dtype, device)
+    mask = causal_mask(attention_mask, q_len, k_len, dtype, device, fused_ok=False)
+    q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    too_far = torch.arange(k_len, device=device)[None, :] <= q_idx - window  # q_pos k_pos
+    return mask.masked_fill(too_far, torch.finfo(dtype).min)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose output (after the affine map) is a hook point."""
+
+    def __init__(self, d_model: int, eps: float) -> None:
+        super().__init__(d_model, eps=eps)
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return self.hook_normalized(super().forward(x))
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention, unscaled; global or local only through the mask it is given."""
+
+    def __init__(self, cfg: GPTNeoConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_heads = layer, cfg.n_heads
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # HF: attn.attention.q_proj
+        self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # HF: attn.attention.k_proj
+        self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)  # HF: attn.attention.v_proj
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)  # HF: attn.attention.out_proj
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], mask: Tensor | None,
+                cache: KVCache | None) -> Float[Tensor, "batch pos d_model"]:
+        q = self.hook_q(split_heads(self.q(x), self.n_heads))  # batch pos head d_head
+        k = self.hook_k(split_heads(self.k(x), self.n_heads))
+        v = self.hook_v(split_heads(self.v(x), self.n_heads))
+        if cache is not None:  # generation: attend to the cached prefix too; hooks saw only the new positions
+            k, v = cache.update(self.layer, k, v)
+        # No 1/sqrt(d_head): GPT-Neo was trained unscaled. Scores, pattern and mix run in float32 (a no-op for
+        # float32 weights), as `transformers` upcasts q and k; hooks on scores and pattern see float32.
+        z = attend(q.float(), k.float(), v.float(), mask, causal=True, scale=1.0,
+                   hook_scores=self.hook_attn_scores, hook_pattern=self.hook_pattern)
+        z = self.hook_z(z.to(v.dtype))  # batch pos head d_head: each head's mix of values, before `out`
+        return self.out(merge_heads(z))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTNeoConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_mlp)  # HF: mlp.c_fc (an nn.Linear here, unlike GPT-2's Conv1D)
+        self.proj = nn.Linear(cfg.d_mlp, cfg.d_model)  # HF: mlp.c_proj
+        self.act = ACTIVATIONS[cfg.act_fn]
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.hook_pre(self.fc(x))  # batch pos d_mlp
+        post = self.hook_post(self.act(pre))
+        return self.proj(post)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTNeoConfig, layer: int) -> None:
+        super().__init__()
+        self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.attn = Attention(cfg, layer)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], mask: Tensor | None,
+                cache: KVCache | None) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, cache))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class GPTNeo(HookedModule):
+    """GPT-Neo without the LM head: returns `ModelOutput.last_hidden_state` (after the final LayerNorm)."""
+
+    def __init__(self, cfg: GPTNeoConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.windows = cfg.windows  # per layer; global layers see the whole context
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)  # HF: wte
+        self.pos_embed = nn.Embedding(cfg.n_ctx, cfg.d_model)  # HF: wpe
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+
+    def forward(self, input_ids: Int[Tensor, "batch pos"] | None = None,
+                attention_mask: Int[Tensor, "batch k_pos"] | None = None,
+                position_ids: Int[Tensor, "batch pos"] | None = None,
+                inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False) -> ModelOutput:
+        """`attention_mask` covers the cached prefix plus the new positions (1 = real token, 0 = padding).
+        Positions default to 0, 1, ... after the cached prefix, as in `transformers`; left-padded generation
+        passes `position_ids` explicitly. The local window counts key slots, padding included, as HF does."""
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
+        past = len(cache) if cache is not None else 0
+        if inputs_embeds is None:
+            check_tokens(input_ids, self.cfg.d_vocab, self.cfg.n_ctx, past)
+            inputs_embeds = self.embed(input_ids)
+        n_pos = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + n_pos, device=inputs_embeds.device)[None]
+        embed = self.hook_embed(inputs_embeds)
+        pos_embed = self.hook_pos_embed(self.pos_embed(position_ids))
+        # One additive mask per distinct window (attention runs in float32, so the mask is float32 too).
+        masks = {w: sliding_causal_mask(attention_mask, n_pos, past + n_pos, w, torch.float32, embed.device)
+                 for w in set(self.windows)}
+        x = embed + pos_embed
+        for block, window in zip(self.blocks, self.windows):
+            x = block(x, masks[window], cache)
+        return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
+
+    # HuggingFace attribute names (`tinystory.transformer.wte(...)`, `config.num_layers`); hook names stay.
+    @property
+    def config(self) -> GPTNeoConfig:
+        return self.cfg
+
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.embed
+
+    @property
+    def wpe(self) -> nn.Embedding:
+        return self.pos_embed
+
+    @property
+    def h(self) -> nn.ModuleList:
+        return self.blocks
+
+    @property
+    def ln_f(self) -> LayerNorm:
+        return self.ln_final
+
+    @property
+    def transformer(self) -> "GPTNeo":
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+
+class GPTNeoLM(GPTNeo):
+    """GPT-Neo with its unembedding (tied to the token embedding unless the config says otherwise): also
+    returns `logits`, and `loss` when `labels` are given."""
+
+    def __init__(self, cfg: GPTNeoConfig) -> None:
+        super().__init__(cfg)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)  # HF: lm_head
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.hook_logits = HookPoint()
+
+    def forward(self, input_ids: Int[Tensor, "batch pos"] | None = None,
+                attention_mask: Int[Tensor, "batch k_pos"] | None = None,
+                position_ids: Int[Tensor, "batch pos"] | None = None,
+                inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                labels: Int[Tensor, "batch pos"] | None = None) -> ModelOutput:
+        out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values,
+                              use_cache)
+        out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
+        if labels is not None:
+            out.loss = lm_loss(out.logits, labels)
+        return out
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.unembed

@@ -1,0 +1,226 @@
+"""A stacked GRU (Cho et al. 2014) with its time loop in plain sight and a HookPoint on every gate.
+
+Features of the architecture (the `torch.nn.GRU` equations, gate order r | z | n):
+- per layer and step, `x2h(x_t)` and `h2h(h_{t-1})` each give 3 * d_hidden pre-activations, split r | z | n;
+- reset r = σ(x_r + h_r), update z = σ(x_z + h_z), candidate n = tanh(x_n + r ⊙ h_n);
+- new state h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}; h_0 = 0; layer l > 0 reads layer l - 1's h_t as its input;
+- `forward` loops over time outside and layers inside, so a hook that edits `layers.{l}.hook_hidden` at step t
+  changes everything computed after it: later steps of that layer and the layers above.
+
+Hooks inside the loop receive the step (`hook.step`); see `hookvene/hooks.py`. Parameters are nn.GRU's
+(`x2h` = weight_ih_l{l}, `h2h` = weight_hh_l{l}), so `hookvene/loading/gru.py` loads them by renaming.
+
+Construction mirrors pyvene's GRU (`GRUConfig(h_dim=32)`, `create_gru_classifier`); differences: `d_in` may
+differ from `h_dim`; `last_hidden_state` holds every step (pyvene's holds the final step only); with
+`include_emb`, position embeddings are always added to token embeddings (pyvene adds them only when given
+`position_ids`), while `inputs_embeds` reach layer 0 as given; `pdrop` is stored, but nothing drops out.
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from hookvene.hooks import HookedModule, HookPoint
+from hookvene.models._common import HFAliases, ModelOutput, check_tokens, lm_loss
+
+LOSSES = {  # problem_type -> loss(logits, labels), as transformers' sequence classifiers compute it
+    "single_label_classification": lambda logits, labels: F.cross_entropy(logits, labels.view(-1)),
+    "multi_label_classification": lambda logits, labels: F.binary_cross_entropy_with_logits(
+        logits, labels.to(logits.dtype)),
+    "regression": lambda logits, labels: F.mse_loss(logits, labels.to(logits.dtype).view_as(logits)),
+}
+
+
+@dataclass
+class GRUConfig(HFAliases):
+    """pyvene's GRUConfig fields, in its order (so `GRUConfig(h_dim=32)` reads the same), plus `d_in`."""
+
+    include_emb: bool = False  # token + position embeddings (wte, wpe) before layer 0
+    vocab_size: int = 50257
+    max_position_embeddings: int = 512
+    n_layer: int = 2
+    h_dim: int = 512
+    n_labels: int = 2
+    include_bias: bool = True
+    pdrop: float = 0.0  # stored for pyvene compatibility; nothing drops out
+    problem_type: str = "single_label_classification"
+    initializer_range: float = 0.02  # std of the embeddings' normal init
+    d_in: int | None = None  # width of layer 0's input; None means h_dim
+
+    hf_aliases: ClassVar[dict[str, str]] = {
+        "hidden_size": "h_dim", "d_hidden": "h_dim", "input_size": "d_in", "num_layers": "n_layer",
+        "n_layers": "n_layer", "num_hidden_layers": "n_layer", "num_labels": "n_labels",
+        "d_vocab": "vocab_size",
+    }
+
+    def __post_init__(self) -> None:
+        if self.d_in is None:
+            self.d_in = self.h_dim
+        for f in fields(self):  # also catches a hand-edited config.json ("h_dim": "32")
+            value, want = getattr(self, f.name), (int, float) if f.type is float else f.type
+            if not isinstance(value, want) or (isinstance(value, bool) and f.type is not bool):
+                raise ValueError(f"GRUConfig.{f.name} must be of type {f.type}, got {value!r}")
+        small = [f"{n}={getattr(self, n)}" for n in ("vocab_size", "max_position_embeddings", "n_layer",
+                                                      "h_dim", "n_labels", "d_in") if getattr(self, n) < 1]
+        if small:
+            raise ValueError(f"GRUConfig fields must be positive: {', '.join(small)}")
+        if self.problem_type not in LOSSES:
+            raise ValueError(f"problem_type={self.problem_type!r} is not one of {sorted(LOSSES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GRUConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown GRUConfig fields {unknown}; valid: {[f.name for f in fields(cls)]}")
+        return cls(**d)
+
+
+class GRUCell(nn.Module):
+    """One GRU layer, one time step."""
+
+    def __init__(self, d_in: int, d_hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.x2h = nn.Linear(d_in, 3 * d_hidden, bias=bias)  # nn.GRU: weight_ih_l{l}, bias_ih_l{l}
+        self.h2h = nn.Linear(d_hidden, 3 * d_hidden, bias=bias)  # nn.GRU: weight_hh_l{l}, bias_hh_l{l}
+        for p in self.parameters():  # nn.GRU's init
+            nn.init.uniform_(p, -d_hidden**-0.5, d_hidden**-0.5)
+        self.hook_in, self.hook_x2h, self.hook_h2h = HookPoint(), HookPoint(), HookPoint()
+        self.hook_reset_pre, self.hook_reset = HookPoint(), HookPoint()
+        self.hook_update_pre, self.hook_update = HookPoint(), HookPoint()
+        self.hook_candidate_pre, self.hook_candidate = HookPoint(), HookPoint()
+        self.hook_hidden = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch d_in"], h: Float[Tensor, "batch d_hidden"],
+                t: int) -> Float[Tensor, "batch d_hidden"]:
+        x = self.hook_in(x, step=t)
+        x_r, x_z, x_n = self.hook_x2h(self.x2h(x), step=t).chunk(3, dim=-1)
+        h_r, h_z, h_n = self.hook_h2h(self.h2h(h), step=t).chunk(3, dim=-1)
+        r = self.hook_reset(torch.sigmoid(self.hook_reset_pre(x_r + h_r, step=t)), step=t)
+        z = self.hook_update(torch.sigmoid(self.hook_update_pre(x_z + h_z, step=t)), step=t)
+        # r scales h2h's candidate part *after* the matmul, bias included (nn.GRU's form, not Cho et al.'s)
+        n = self.hook_candidate(torch.tanh(self.hook_candidate_pre(x_n + r * h_n, step=t)), step=t)
+        return self.hook_hidden((1 - z) * n + z * h, step=t)
+
+
+class GRU(HookedModule):
+    """The layer stack: returns `ModelOutput.last_hidden_state`, the last layer's h_t for every step."""
+
+    def __init__(self, cfg: GRUConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_in) if cfg.include_emb else None
+        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.d_in) if cfg.include_emb else None
+        for emb in (self.wte, self.wpe):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=cfg.initializer_range)
+        self.layers = nn.ModuleList(GRUCell(cfg.d_in if l == 0 else cfg.h_dim, cfg.h_dim, cfg.include_bias)
+                                    for l in range(cfg.n_layer))
+        self.hook_input = HookPoint()
+
+    def embed(self, input_ids: Int[Tensor, "batch time"] | None,
+              inputs_embeds: Float[Tensor, "batch time d_in"] | None) -> Float[Tensor, "batch time d_in"]:
+        """Layer 0's input: wte(ids) + wpe(0..T-1), or `inputs_embeds` exactly as given."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if self.wte is None:
+                raise ValueError("this GRU has no embedding (include_emb=False): pass inputs_embeds of shape "
+                                 f"(batch, time, d_in={self.cfg.d_in})")
+            check_tokens(input_ids, self.cfg.vocab_size, self.cfg.max_position_embeddings)
+            return self.wte(input_ids) + self.wpe(torch.arange(input_ids.shape[1], device=input_ids.device))
+        shape = inputs_embeds.shape
+        if len(shape) != 3 or shape[-1] != self.cfg.d_in or shape[1] == 0:
+            raise ValueError(f"inputs_embeds must have shape (batch, time >= 1, d_in={self.cfg.d_in}), "
+                             f"got {tuple(shape)}")
+        return inputs_embeds
+
+    def forward(self, input_ids: Int[Tensor, "batch time"] | None = None,
+                inputs_embeds: Float[Tensor, "batch time d_in"] | None = None,
+                attention_mask: Int[Tensor, "batch time"] | None = None) -> ModelOutput:
+        """`attention_mask` is accepted for a common calling convention and unused: the recurrence is causal,
+        so right padding never changes a real step's state (left padding does, as with nn.GRU unpacked)."""
+        x = self.hook_input(self.embed(input_ids, inputs_embeds))
+        h = [x.new_zeros(x.shape[0], self.cfg.h_dim) for _ in self.layers]  # each layer's state, h_0 = 0
+        outputs = []
+        for t in range(x.shape[1]):
+            inp = x[:, t]
+            for l, cell in enumerate(self.layers):
+                h[l] = cell(inp, h[l], t)
+                inp = h[l]  # what the hook on hook_hidden returned: the next layer and step read this
+            outputs.append(inp)
+        return ModelOutput(last_hidden_state=torch.stack(outputs, dim=1))
+
+    @property
+    def config(self) -> GRUConfig:
+        return self.cfg
+
+    @property
+    def cells(self) -> nn.ModuleList:  # pyvene's name for the layers
+        return self.layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].h2h.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].h2h.weight.dtype
+
+
+class GRUClassifier(GRU):
+    """pyvene's GRUForClassification: a linear score of the last layer's state at each row's last real step.
+
+    The last real step is the last 1 in `attention_mask` (= mask.sum() - 1 with right padding, as pyvene takes
+    it), or the last step without a mask."""
+
+    def __init__(self, cfg: GRUConfig) -> None:
+        super().__init__(cfg)
+        self.score = nn.Linear(cfg.h_dim, cfg.n_labels, bias=False)
+        self.hook_logits = HookPoint()
+
+    def forward(self, input_ids: Int[Tensor, "batch time"] | None = None,
+                inputs_embeds: Float[Tensor, "batch time d_in"] | None = None,
+                attention_mask: Int[Tensor, "batch time"] | None = None,
+                labels: Tensor | None = None) -> ModelOutput:
+        out = super().forward(input_ids, inputs_embeds)
+        states = out.last_hidden_state
+        batch, n_steps = states.shape[:2]
+        last = torch.full((batch,), n_steps - 1, device=states.device)
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, n_steps):
+                raise ValueError(f"attention_mask must have shape {(batch, n_steps)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            steps = torch.arange(n_steps, device=states.device)
+            last = torch.where(attention_mask.bool(), steps, -1).amax(dim=-1)
+            if (last < 0).any():
+                raise ValueError("attention_mask has a row with no real step to classify")
+        out.logits = self.hook_logits(self.score(states[torch.arange(batch, device=states.device), last]))
+        if labels is not None:
+            out.loss = LOSSES[self.cfg.problem_type](out.logits, labels)
+        return out
+
+
+class GRULM(GRU):
+    """The stack plus an (untied) `lm_head`: logits for every step, next-token loss with `labels`."""
+
+    def __init__(self, cfg: GRUConfig) -> None:
+        super().__init__(cfg)
+        self.lm_head = nn.Linear(cfg.h_dim, cfg.vocab_size, bias=False)
+        self.hook_logits = HookPoint()
+
+    def forward(self, input_ids: Int[Tensor, "batch time"] | None = None,
+                inputs_embeds: Float[Tensor, "batch time d_in"] | None = None,
+                attention_mask: Int[Tensor, "batch time"] | None = None,
+                labels: Int[Tensor, "batch time"] | None = None) -> ModelOutput:
+        out = super().forward(input_ids, inputs_embeds)
+        out.logits = self.hook_logits(self.lm_head(out.last_hidden_state))
+        if labels is not None:
+            out.loss = lm_loss(out.logits, labels)
+        return out

@@ -115,7 +115,8 @@ def _as_inputs(x: Any) -> dict[str, Any]:
         return {"input_ids": x}
     if isinstance(x, Mapping):
         return dict(x)
-    raise ValueError(f"model inputs must be a dict of tensors (a tokenizer's output) or a tensor, not {type(x).__name__}")
+    raise ValueError(f"model inputs must be a dict of tensors (a tokenizer's output) or a tensor, "
+                     f"not {type(x).__name__}")
 
 
 # -- views: how pyvene saw each hook tensor (see components.py) ----------------------------------------------------
@@ -202,7 +203,7 @@ class IntervenableModel(nn.Module):
 
     # -- parsing a call --------------------------------------------------------------------------------------------
 
-    def _locations(self, unit_locations: Any, batch: int, n_sources: int) -> list[tuple[Any, Any, bool]]:
+    def _locations(self, unit_locations: Any, batch: int) -> list[tuple[Any, Any, bool]]:
         """Per slot: (source location, base location, explicitly skipped)."""
         n = len(self.slots)
         if unit_locations is None:
@@ -219,7 +220,8 @@ class IntervenableModel(nn.Module):
             key, value = next(iter(unit_locations.items()))
             src, base = parse_pair(value, n, batch, key == "base")
             return [(s, b, b is None) for s, b in zip(src, base)]
-        valid = {f"source_{g}->source_{g + 1}" for g in range(self.n_groups - 1)} | {f"source_{self.n_groups - 1}->base"}
+        last = f"source_{self.n_groups - 1}->base"
+        valid = {f"source_{g}->source_{g + 1}" for g in range(self.n_groups - 1)} | {last}
         bad = set(unit_locations) - valid
         if bad:
             raise ValueError(f"serial mode keys are {sorted(valid)}; got unknown {sorted(bad)}")
@@ -265,7 +267,7 @@ class IntervenableModel(nn.Module):
     def _plan(self, base: dict[str, Any], sources: list[Any] | None, unit_locations: Any, subspaces: Any,
               given: list[Tensor | None]) -> list[Plan]:
         batch = _batch_size(base)
-        locs = self._locations(unit_locations, batch, 0 if sources is None else len(sources))
+        locs = self._locations(unit_locations, batch)
         subs = parse_subspaces(subspaces, len(self.slots), batch)
         plans = []
         for slot, (src_loc, base_loc, skipped), sub, rep in zip(self.slots, locs, subs, given):

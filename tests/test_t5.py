@@ -1,4 +1,5 @@
-"""T5: parity with `transformers` (both variants, in memory and from disk), hooks, KV cache, causality, errors.
+"""T5: parity with `transformers` (both variants, in memory and from disk), hooks, KV cache, causality,
+errors.
 
 Sizes are odd on purpose: n_heads * d_kv (36) != d_model (40), 2 encoder vs 3 decoder layers, and sequences
 longer than both the exact-bucket range and max_distance (TransformerLens's T5 bug hid below 9 tokens).
@@ -82,7 +83,8 @@ def test_parity_in_memory_shares_weights(pair, batch):
     variant, hf, model = pair
     assert isinstance(model, T5LM)
     assert model.shared.weight.data_ptr() == hf.shared.weight.data_ptr()
-    assert model.encoder.blocks[1].attn.q.weight.data_ptr() == hf.encoder.block[1].layer[0].SelfAttention.q.weight.data_ptr()
+    hf_q = hf.encoder.block[1].layer[0].SelfAttention.q.weight
+    assert model.encoder.blocks[1].attn.q.weight.data_ptr() == hf_q.data_ptr()
     assert model.lm_head.weight.data_ptr() == hf.lm_head.weight.data_ptr()
     assert model.cfg.tie_word_embeddings == (variant == "relu")
     assert (model.lm_head.weight is model.shared.weight) == (variant == "relu")
@@ -121,8 +123,8 @@ def expected_shapes(cfg: T5Config, b: int, n_enc: int, n_dec: int, gated: bool) 
         for i in range(n_layers):
             p = f"{stack}.blocks.{i}."
             mlp_ln = "ln3" if stack == "decoder" else "ln2"
-            for name in ("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out", "hook_resid_post",
-                         "ln1.hook_normalized", f"{mlp_ln}.hook_normalized"):
+            for name in ("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "hook_mlp_out",
+                         "hook_resid_post", "ln1.hook_normalized", f"{mlp_ln}.hook_normalized"):
                 shapes[p + name] = (b, n, dm)
             for name in ("hook_q", "hook_k", "hook_v", "hook_z"):
                 shapes[p + "attn." + name] = (b, n, h, d)
@@ -133,9 +135,10 @@ def expected_shapes(cfg: T5Config, b: int, n_enc: int, n_dec: int, gated: bool) 
             if stack == "decoder":
                 for name in ("hook_cross_attn_out", "hook_resid_mid_cross", "ln2.hook_normalized"):
                     shapes[p + name] = (b, n, dm)
-                shapes[p + "cross_attn.hook_q"] = shapes[p + "cross_attn.hook_z"] = (b, n, h, d)
-                shapes[p + "cross_attn.hook_k"] = shapes[p + "cross_attn.hook_v"] = (b, n_enc, h, d)
-                shapes[p + "cross_attn.hook_attn_scores"] = shapes[p + "cross_attn.hook_pattern"] = (b, h, n, n_enc)
+                c = p + "cross_attn."
+                shapes[c + "hook_q"] = shapes[c + "hook_z"] = (b, n, h, d)
+                shapes[c + "hook_k"] = shapes[c + "hook_v"] = (b, n_enc, h, d)
+                shapes[c + "hook_attn_scores"] = shapes[c + "hook_pattern"] = (b, h, n, n_enc)
     return shapes
 
 
@@ -156,25 +159,26 @@ def test_sdpa_path_equals_explicit_path(pair, batch):
     _, _, model = pair
     with torch.no_grad():
         fused = model(**batch).logits
-        explicit = model.run_with_hooks(**batch, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda t, h: t)])
-    assert err(fused, explicit.logits) <= 1e-5
+        hooks = [(lambda n: n.endswith("hook_pattern"), lambda t, h: t)]  # forces the explicit softmax path
+        explicit = model.run_with_hooks(**batch, fwd_hooks=hooks).logits
+    assert err(fused, explicit) <= 1e-5
 
 
 def test_kv_cache_stepping_equals_full_decoder(pair, batch):
     _, _, model = pair
-    x, am, y, dm = batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"]
+    am, y, dm = batch["attention_mask"], batch["decoder_input_ids"], batch["decoder_attention_mask"]
     with torch.no_grad():
         full = model(**batch).logits
-        enc = model.encode(x, am)
-        cache = KVCache()
+        enc = model.encode(batch["input_ids"], am)
         prefix = model(attention_mask=am, decoder_input_ids=y[:, :5], decoder_attention_mask=dm[:, :5],
                        encoder_outputs=enc, use_cache=True)
         cache = prefix.past_key_values
+        assert isinstance(cache, KVCache) and len(cache) == 5
         steps = [prefix.logits]
         for t in range(5, DEC_LEN):
             assert len(cache) == t
-            out = model(attention_mask=am, decoder_input_ids=y[:, t:t + 1], decoder_attention_mask=dm[:, :t + 1],
-                        encoder_outputs=enc, past_key_values=cache)
+            out = model(attention_mask=am, decoder_input_ids=y[:, t:t + 1],
+                        decoder_attention_mask=dm[:, :t + 1], encoder_outputs=enc, past_key_values=cache)
             steps.append(out.logits)
     assert len(cache) == DEC_LEN
     assert err(torch.cat(steps, dim=1), full) <= 1e-5
@@ -195,7 +199,7 @@ def test_decoder_is_causal(pair, batch):
     for i in range(L_DEC):
         assert cache[f"decoder.blocks.{i}.attn.hook_pattern"][..., upper].abs().max() == 0
     enc_upper = torch.ones(ENC_LEN, ENC_LEN, dtype=torch.bool).triu(1)
-    assert cache["encoder.blocks.0.attn.hook_pattern"][0][..., enc_upper].min() > 0  # the encoder looks both ways
+    assert cache["encoder.blocks.0.attn.hook_pattern"][0][..., enc_upper].min() > 0  # looks both ways
 
 
 def test_buckets_match_hf_both_directions():
@@ -266,12 +270,14 @@ def test_unsupported_config_refused():
 
 
 def test_config_translation_and_aliases():
-    # transformers < 5 wrote FLAN-T5's untied head (and its missing output scaling) as tie_word_embeddings=False
-    old_flan = config_from_hf({"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "num_layers": 4})
+    # transformers < 5 wrote FLAN-T5's own head (and its unscaled output) as tie_word_embeddings=False
+    old_flan = config_from_hf({"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+                               "num_layers": 4})
     assert old_flan.gated and old_flan.act_fn == "gelu_new" and old_flan.n_decoder_layers == 4
     assert not old_flan.tie_word_embeddings and not old_flan.scale_decoder_outputs
-    cfg = config_from_hf({"vocab_size": 99, "d_model": 40, "d_kv": 12, "num_heads": 3, "num_decoder_layers": 2,
-                          "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16})
+    cfg = config_from_hf({"vocab_size": 99, "d_model": 40, "d_kv": 12, "num_heads": 3,
+                          "num_decoder_layers": 2, "relative_attention_num_buckets": 8,
+                          "relative_attention_max_distance": 16})
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers) == (99, 40, 3, 6)
     assert (cfg.num_decoder_layers, cfg.relative_attention_num_buckets, cfg.d_head) == (2, 8, 12)
     assert cfg.relative_attention_max_distance == 16 and cfg.layer_norm_epsilon == 1e-6

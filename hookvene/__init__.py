@@ -35,8 +35,21 @@ from hookvene.interventions import (
     ZeroIntervention,
 )
 from hookvene.loading import from_pretrained, zoo_models
+from hookvene.loading.gru import create_gru, create_gru_classifier, create_gru_lm, from_torch_gru, load_gru
+from hookvene.loading.gru import save_pretrained as save_gru
 from hookvene.locations import GET_LOC
-from hookvene.models import GPT2, GPT2LM, GPT2Config, GPTNeo, GPTNeoConfig, GPTNeoLM
+from hookvene.models import (
+    GPT2,
+    GPT2LM,
+    GRU,
+    GRULM,
+    GPT2Config,
+    GPTNeo,
+    GPTNeoConfig,
+    GPTNeoLM,
+    GRUClassifier,
+    GRUConfig,
+)
 from hookvene.utils import count_parameters, embed_to_distrib, format_token, set_seed, top_vals
 
 __version__ = "0.1.0"

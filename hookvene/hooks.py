@@ -177,6 +177,7 @@ class HookedModule(nn.Module):
     def run_with_cache(self, *args: Any, names_filter: NamesFilter = None, device: str | torch.device | None = None,
                        incl_bwd: bool = False, **kwargs: Any) -> tuple[Any, "ActivationCache"]:
         """Run forward and return `(output, cache)`, the cache holding every selected activation (detached).
+        Hooks that fire once per time step (the GRU's) are stacked into (batch, time, ...).
 
         `incl_bwd=True` also runs backward from the output's `loss` (pass `labels=`) or from a scalar output,
         and stores each gradient under `"<hook name>_grad"`.
@@ -184,9 +185,15 @@ class HookedModule(nn.Module):
         cache = ActivationCache()
         names = self.resolve_hook_names(names_filter)
 
+        steps: dict[str, list[Tensor]] = {}  # hooks inside a time loop (GRU) fire once per step
+
         def save(key: str) -> HookFn:
             def fn(t: Tensor, hook: HookPoint) -> None:
-                cache[key] = t.detach().to(device) if device is not None else t.detach()
+                t = t.detach().to(device) if device is not None else t.detach()
+                if hook.step is None:
+                    cache[key] = t
+                else:
+                    steps.setdefault(key, []).append(t)
             return fn
 
         fwd = [(n, save(n)) for n in names]
@@ -199,6 +206,8 @@ class HookedModule(nn.Module):
                     raise ValueError("incl_bwd=True needs a scalar to differentiate: pass labels=... so the "
                                      "output has a loss, or use run_with_hooks with bwd_hooks.")
                 target.backward()
+        for key, ts in steps.items():  # per-step activations stacked along a time dim: (batch, time, ...)
+            cache[key] = torch.stack(ts, dim=1)
         return out, cache
 
 

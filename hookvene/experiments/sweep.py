@@ -1,0 +1,105 @@
+"""The batched engine behind every sweep: many patching cells, one forward pass per chunk of rows.
+
+A *cell* is a list of `Patch`es (hook, index) that overwrite a run's activation with a stored one (e.g. the clean
+run's residual stream at layer 3, position 5). A sweep over C cells and B examples becomes C x B rows stacked along
+the batch dimension and run in chunks of `batch_size` rows; each row's hook functions write only that row. The
+stored activations come from one cached run, so nothing is recomputed per cell, and nothing calls `.item()`
+inside the loop: the metric is reduced on the device and read once at the end.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Metric = Callable[[Tensor, Tensor], Tensor]  # (logits (rows, pos, d_vocab), example index per row) -> (rows,)
+RowHooks = Callable[[Tensor, Tensor], list[tuple[str, Callable]]]  # (example idx, cell idx) per row -> hooks
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Overwrite `hook`'s activation at `index` (over the dims after batch; None = the whole dim)."""
+
+    hook: str
+    index: tuple[int | None, ...] = ()
+
+
+def _index(rows: Tensor, ints: Tensor, pattern: tuple[bool, ...], shape: Sequence[int]) -> tuple[Tensor, ...]:
+    """Advanced index selecting, per row, the given ints at int dims and everything at None dims."""
+    n, n_full = rows.shape[0], sum(1 for is_int in pattern if not is_int)
+    lead = (n,) + (1,) * n_full
+    idx, col, axis = [rows.view(lead)], 0, 1
+    for dim, is_int in enumerate(pattern):
+        if is_int:
+            idx.append(ints[:, col].view(lead))
+            col += 1
+        else:
+            size = [1] * (1 + n_full)
+            size[axis] = shape[dim]
+            idx.append(torch.arange(shape[dim], device=rows.device).view(size))
+            axis += 1
+    return tuple(idx)
+
+
+def patch_hooks(cells: Sequence[Sequence[Patch]], cell_of_row: Tensor, example_of_row: Tensor,
+                stored: dict[str, Tensor]) -> list[tuple[str, Callable]]:
+    """Hook functions that apply every row's patches, one vectorised index_put per (hook, index pattern)."""
+    groups: dict[tuple[str, tuple[bool, ...]], tuple[list[int], list[list[int]]]] = {}
+    cell_rows: dict[int, list[int]] = {}
+    for r, c in enumerate(cell_of_row.tolist()):
+        cell_rows.setdefault(c, []).append(r)
+    for c, rows in cell_rows.items():
+        for p in cells[c]:
+            key = (p.hook, tuple(i is not None for i in p.index))
+            rs, ints = groups.setdefault(key, ([], []))
+            rs += rows
+            ints += [[i for i in p.index if i is not None]] * len(rows)
+    hooks = []
+    device = example_of_row.device
+    for (hook, pattern), (rs, ints) in groups.items():
+        rows_t = torch.tensor(rs, device=device)
+        ints_t = torch.tensor(ints, dtype=torch.long, device=device).view(len(rs), -1)
+        src = stored[hook]
+
+        def fn(x: Tensor, _hook: Any, rows_t: Tensor = rows_t, ints_t: Tensor = ints_t, pattern=pattern,
+               src: Tensor = src) -> Tensor:
+            dst = _index(rows_t, ints_t, pattern, x.shape[1:])
+            val = src[(example_of_row[rows_t].view(dst[0].shape),) + dst[1:]]
+            return x.index_put(dst, val.to(x.dtype))
+        hooks.append((hook, fn))
+    return hooks
+
+
+def run_cells(model: nn.Module, inputs: dict[str, Tensor], cells: Sequence[Sequence[Patch]], stored: dict[str, Tensor],
+              metric: Metric, batch_size: int = 64, row_hooks: RowHooks | None = None,
+              progress: bool | str = False) -> Tensor:
+    """Mean metric over the examples of `inputs` for each cell; returns a (len(cells),) tensor.
+
+    `stored[hook]` holds (B, ...) activations for the B examples; `row_hooks` adds per-chunk hooks that depend on
+    the rows (e.g. causal tracing's noise). `batch_size` is the number of rows per forward pass (memory budget).
+    """
+    from tqdm.auto import tqdm
+
+    n_ex = next(iter(inputs.values())).shape[0]
+    device = next(model.parameters()).device
+    total = len(cells) * n_ex
+    cells_per_chunk = max(1, batch_size // n_ex)
+    out = torch.empty(len(cells), device=device)
+    starts = range(0, len(cells), cells_per_chunk)
+    bar = tqdm(starts, desc=progress if isinstance(progress, str) else "sweep", disable=not progress,
+               total=len(starts), unit="chunk")
+    with torch.no_grad():
+        for start in bar:
+            stop = min(start + cells_per_chunk, len(cells))
+            cell_of_row = torch.arange(start, stop, device=device).repeat_interleave(n_ex)
+            example_of_row = torch.arange(n_ex, device=device).repeat(stop - start)
+            batch = {k: v[example_of_row] for k, v in inputs.items()}
+            hooks = patch_hooks(cells, cell_of_row, example_of_row, stored)
+            if row_hooks is not None:
+                hooks = row_hooks(example_of_row, cell_of_row) + hooks
+            logits = model.run_with_hooks(**batch, fwd_hooks=hooks).logits
+            out[start:stop] = metric(logits, example_of_row).view(stop - start, n_ex).mean(dim=1)
+    assert total == len(cells) * n_ex
+    return out

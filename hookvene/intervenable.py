@@ -203,14 +203,14 @@ class IntervenableModel(nn.Module):
 
     # -- parsing a call --------------------------------------------------------------------------------------------
 
-    def _locations(self, unit_locations: Any, batch: int) -> list[tuple[Any, Any, bool]]:
-        """Per slot: (source location, base location, explicitly skipped)."""
+    def _locations(self, unit_locations: Any, batch: int) -> list[tuple[Any, Any]]:
+        """Per slot: (source location, base location); None = the whole tensor."""
         n = len(self.slots)
         if unit_locations is None:
-            return [(None, None, False)] * n
+            return [(None, None)] * n
         if not isinstance(unit_locations, Mapping):
             raise ValueError("unit_locations must be a dict such as {'sources->base': 3} or {'base': [0, 1]}")
-        out: list[tuple[Any, Any, bool]] = [(None, None, True)] * n
+        out: list[tuple[Any, Any]] = [(None, None)] * n
         if self.mode == "parallel":
             valid = {"sources->base", "base"}
             bad = set(unit_locations) - valid
@@ -218,8 +218,7 @@ class IntervenableModel(nn.Module):
                 raise ValueError(f"parallel mode takes one unit_locations key, 'sources->base' or 'base'; got "
                                  f"{list(unit_locations)}")
             key, value = next(iter(unit_locations.items()))
-            src, base = parse_pair(value, n, batch, key == "base")
-            return [(s, b, b is None) for s, b in zip(src, base)]
+            return list(zip(*parse_pair(value, n, batch, key == "base")))
         last = f"source_{self.n_groups - 1}->base"
         valid = {f"source_{g}->source_{g + 1}" for g in range(self.n_groups - 1)} | {last}
         bad = set(unit_locations) - valid
@@ -232,7 +231,7 @@ class IntervenableModel(nn.Module):
                 raise ValueError(f"serial mode needs unit_locations[{key!r}]")
             src, base = parse_pair(unit_locations[key], len(members), batch, False)
             for i, s, b in zip(members, src, base):
-                out[i] = (s, b, b is None)
+                out[i] = (s, b)
         return out
 
     def _sources(self, sources: Any) -> list[Any] | None:
@@ -270,14 +269,12 @@ class IntervenableModel(nn.Module):
         locs = self._locations(unit_locations, batch)
         subs = parse_subspaces(subspaces, len(self.slots), batch)
         plans = []
-        for slot, (src_loc, base_loc, skipped), sub, rep in zip(self.slots, locs, subs, given):
+        for slot, (src_loc, base_loc), sub, rep in zip(self.slots, locs, subs, given):
             what = f"intervention {slot.key} ({slot.site.hook})"
             unit = slot.rep.unit if slot.site.view not in ("step", "step_slice") else "t"
             iv = slot.intervention
             needs_source = not (iv.is_source_constant or isinstance(iv, CollectIntervention))
-            if skipped:
-                source = "skip"
-            elif rep is not None:
+            if rep is not None:
                 source = "given"
             elif not needs_source:
                 source = "none"

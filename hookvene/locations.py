@@ -1,8 +1,9 @@
 """`unit_locations` and `subspaces`: every shortcut pyvene accepts, parsed into one canonical form and checked.
 
-Canonical form, per intervention (N of them), per side (source, base): `None` (the whole tensor, or "skip" when the
-whole side is None) or, for a one-level unit (`pos`, `h`, `t`), a list over the batch of unit-index lists
-`[[i, j], [k, l]]`; for `h.pos`, a pair `[heads per example, positions per example]`.
+Canonical form, per intervention (N of them), per side (source, base): `None` (the whole tensor) or, for a
+one-level unit (`pos`, `h`, `t`), a list over the batch of unit-index lists `[[i, j], [k, l]]`; for `h.pos`, a
+pair `[heads per example, positions per example]`. (To skip an intervention for one call, pass `None` as its
+group's entry in `sources`; interventions that need no source, such as Collect or a constant source, always run.)
 
 Shortcuts (for key `"sources->base"`, or `"base"` for the base side only):
 

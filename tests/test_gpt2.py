@@ -276,3 +276,15 @@ def test_bad_input_raises(small):
         model(torch.zeros(1, 5, dtype=torch.long), past_key_values=out.past_key_values)
     with pytest.raises(ValueError, match="shape"):
         model(torch.zeros(5, dtype=torch.long))
+
+
+def test_too_long_inputs_embeds_raise(small):
+    _, model = small
+    with pytest.raises(ValueError, match="n_ctx"):
+        model(inputs_embeds=torch.zeros(1, 65, 36))
+
+
+def test_no_input_raises(small):
+    _, model = small
+    with pytest.raises(ValueError, match="input_ids or inputs_embeds"):
+        model()

@@ -38,8 +38,9 @@ def test_parity_with_torch_gru(x, n_layers, bias):
     want, want_h = ref(x)
     out, cache = model.run_with_cache(inputs_embeds=x, names_filter=lambda n: n.endswith("hook_hidden"))
     torch.testing.assert_close(out.last_hidden_state, want, atol=1e-5, rtol=1e-4)
-    # the cache keeps each hook's last call: step T-1, i.e. nn.GRU's final state h_n of every layer
-    got_h = torch.stack([cache[f"layers.{l}.hook_hidden"] for l in range(n_layers)])
+    # per-step hooks are cached stacked over time: (batch, time, h); step T-1 is nn.GRU's final state h_n
+    assert cache["layers.0.hook_hidden"].shape == (B, T, H)
+    got_h = torch.stack([cache[f"layers.{l}.hook_hidden"][:, -1] for l in range(n_layers)])
     torch.testing.assert_close(got_h, want_h, atol=1e-5, rtol=1e-4)
     assert model.layers[0].x2h.weight is ref.weight_ih_l0  # shared, not copied
 

@@ -273,11 +273,13 @@ def test_activation_cache_shorthand(model, tokens):
 
 # --- backward hooks -------------------------------------------------------------------------------------------
 
-GRAD_NAMES = ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized",
-              "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_attn_scores",
-              "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.0.hook_resid_post",
-              "blocks.1.hook_resid_pre", "blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post", "blocks.1.hook_resid_post",
-              "ln_final.hook_normalized", "hook_logits"]
+GRAD_NAMES = [
+    "hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized",
+    "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.0.attn.hook_attn_scores",
+    "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.0.hook_resid_post",
+    "blocks.1.hook_resid_pre", "blocks.1.mlp.hook_pre", "blocks.1.mlp.hook_post", "blocks.1.hook_resid_post",
+    "ln_final.hook_normalized", "hook_logits",
+]
 
 
 def reference_grads(model, tokens, names, loss_fn):

@@ -194,6 +194,45 @@ def test_unreachable_hub_name(monkeypatch):
     assert "openai-community/gpt2" in msg and "local checkpoint directory" in msg and "save_pretrained" in msg
 
 
+def fake_hub(monkeypatch, repo_dir, snap_dir):
+    """`snapshot_download` as the hub does it, from a local 'repository': only files matching allow_patterns."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        os.makedirs(snap_dir, exist_ok=True)
+        for f in os.listdir(repo_dir):
+            if allow_patterns is None or any(fnmatch.fnmatch(f, p) for p in allow_patterns):
+                shutil.copy(os.path.join(repo_dir, f), snap_dir)
+        return str(snap_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_hub_name_with_safetensors(hf, ckpt, monkeypatch, tmp_path_factory):
+    path, _ = ckpt
+    fake_hub(monkeypatch, path, tmp_path_factory.mktemp("snap"))
+    model = hookvene.from_pretrained("someone/tiny-gpt2")
+    ids = torch.randint(0, 101, (1, 5))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_hub_name_with_only_bin_weights(hf, tmp_path, monkeypatch):
+    """Many older hub repositories have pytorch_model.bin and no safetensors file."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    hf.config.save_pretrained(repo)
+    torch.save(hf.state_dict(), repo / "pytorch_model.bin")
+    fake_hub(monkeypatch, str(repo), tmp_path / "snap")
+    model = hookvene.from_pretrained("someone/old-gpt2")
+    ids = torch.randint(0, 101, (1, 5))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4
+
+
 def test_unreachable_hub_name_really_offline(tmp_path):
     """One real attempt, in a subprocess with the hub switched off and an empty cache."""
     code = ("import hookvene\ntry:\n    hookvene.from_pretrained('openai-community/gpt2')\n"

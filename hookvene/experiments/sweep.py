@@ -20,10 +20,12 @@ RowHooks = Callable[[Tensor, Tensor], list[tuple[str, Callable]]]  # (example id
 
 @dataclass(frozen=True)
 class Patch:
-    """Overwrite `hook`'s activation at `index` (over the dims after batch; None = the whole dim)."""
+    """Overwrite `hook`'s activation at `index` (over the dims after batch; None = the whole dim) with the
+    stored activation `stored[store or hook]` at the same index."""
 
     hook: str
     index: tuple[int | None, ...] = ()
+    store: str | None = None
 
 
 def _index(rows: Tensor, ints: Tensor, pattern: tuple[bool, ...], shape: Sequence[int]) -> tuple[Tensor, ...]:
@@ -44,29 +46,32 @@ def _index(rows: Tensor, ints: Tensor, pattern: tuple[bool, ...], shape: Sequenc
 
 
 def patch_hooks(cells: Sequence[Sequence[Patch]], cell_of_row: Tensor, example_of_row: Tensor,
-                stored: dict[str, Tensor]) -> list[tuple[str, Callable]]:
-    """Hook functions that apply every row's patches, one vectorised index_put per (hook, index pattern)."""
-    groups: dict[tuple[str, tuple[bool, ...]], tuple[list[int], list[list[int]]]] = {}
+                stored: dict[str, Tensor], store_row: Tensor | None = None) -> list[tuple[str, Callable]]:
+    """Hook functions that apply every row's patches, one vectorised index_put per (hook, store, index pattern).
+
+    Row r reads `stored[...][store_row[r]]` (default: its example index)."""
+    store_row = example_of_row if store_row is None else store_row
+    groups: dict[tuple[str, str, tuple[bool, ...]], tuple[list[int], list[list[int]]]] = {}
     cell_rows: dict[int, list[int]] = {}
     for r, c in enumerate(cell_of_row.tolist()):
         cell_rows.setdefault(c, []).append(r)
     for c, rows in cell_rows.items():
         for p in cells[c]:
-            key = (p.hook, tuple(i is not None for i in p.index))
+            key = (p.hook, p.store or p.hook, tuple(i is not None for i in p.index))
             rs, ints = groups.setdefault(key, ([], []))
             rs += rows
             ints += [[i for i in p.index if i is not None]] * len(rows)
     hooks = []
     device = example_of_row.device
-    for (hook, pattern), (rs, ints) in groups.items():
+    for (hook, store, pattern), (rs, ints) in groups.items():
         rows_t = torch.tensor(rs, device=device)
         ints_t = torch.tensor(ints, dtype=torch.long, device=device).view(len(rs), -1)
-        src = stored[hook]
+        src = stored[store]
 
         def fn(x: Tensor, _hook: Any, rows_t: Tensor = rows_t, ints_t: Tensor = ints_t, pattern=pattern,
                src: Tensor = src) -> Tensor:
             dst = _index(rows_t, ints_t, pattern, x.shape[1:])
-            val = src[(example_of_row[rows_t].view(dst[0].shape),) + dst[1:]]
+            val = src[(store_row[rows_t].view(dst[0].shape),) + dst[1:]]
             return x.index_put(dst, val.to(x.dtype))
         hooks.append((hook, fn))
     return hooks
@@ -84,7 +89,6 @@ def run_cells(model: nn.Module, inputs: dict[str, Tensor], cells: Sequence[Seque
 
     n_ex = next(iter(inputs.values())).shape[0]
     device = next(model.parameters()).device
-    total = len(cells) * n_ex
     cells_per_chunk = max(1, batch_size // n_ex)
     out = torch.empty(len(cells), device=device)
     starts = range(0, len(cells), cells_per_chunk)
@@ -101,5 +105,4 @@ def run_cells(model: nn.Module, inputs: dict[str, Tensor], cells: Sequence[Seque
                 hooks = row_hooks(example_of_row, cell_of_row) + hooks
             logits = model.run_with_hooks(**batch, fwd_hooks=hooks).logits
             out[start:stop] = metric(logits, example_of_row).view(stop - start, n_ex).mean(dim=1)
-    assert total == len(cells) * n_ex
     return out

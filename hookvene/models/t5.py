@@ -76,6 +76,10 @@ class T5Config(HFAliases):
     def d_head(self) -> int:
         return self.d_kv
 
+    @property
+    def d_mlp(self) -> int:
+        return self.d_ff
+
 
 class T5LayerNorm(nn.Module):
     """RMS norm: x / rms(x) * weight, the mean of squares taken in fp32."""

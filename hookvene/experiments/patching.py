@@ -1,0 +1,158 @@
+"""Activation patching sweeps (exact, batched) and attribution patching (their gradient approximation).
+
+Convention (TransformerLens's "denoising"): run the *corrupted* input and patch in activations of the *clean* run,
+one cell at a time; a cell whose patch restores the clean metric matters. Swap the arguments for "noising".
+
+    activation_patch(model, clean, corrupted, metric, kind="heads")      exact: one batched sweep
+    attribution_patch(model, clean, corrupted, metric, kind="heads")     approximate: one forward + one backward
+
+Kinds (cells, and the grid they fill):
+
+    resid_pre / resid_mid / resid_post / attn_out / mlp_out   (layer, position)   layers x positions
+    attn_layer / mlp_layer                                     (layer)             layers x ["all"]
+    heads                                                      (layer, head)       layers x heads    (hook_z)
+    heads_pos                                                  (layer, head, pos)  "L{l}H{h}" x positions
+    pattern                                                    (layer, head)       layers x heads    (hook_pattern)
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hookvene.experiments.results import SweepResult
+from hookvene.experiments.sweep import Metric, Patch, run_cells
+
+
+@dataclass(frozen=True)
+class Kind:
+    hook: str  # template with {layer}
+    layout: tuple[str, ...]  # names of the hook tensor's dims after batch
+    cell: tuple[str, ...]  # the dims a cell fixes (besides the layer)
+
+
+KINDS = {
+    "resid_pre": Kind("blocks.{layer}.hook_resid_pre", ("pos", "d"), ("pos",)),
+    "resid_mid": Kind("blocks.{layer}.hook_resid_mid", ("pos", "d"), ("pos",)),
+    "resid_post": Kind("blocks.{layer}.hook_resid_post", ("pos", "d"), ("pos",)),
+    "attn_out": Kind("blocks.{layer}.hook_attn_out", ("pos", "d"), ("pos",)),
+    "mlp_out": Kind("blocks.{layer}.hook_mlp_out", ("pos", "d"), ("pos",)),
+    "attn_layer": Kind("blocks.{layer}.hook_attn_out", ("pos", "d"), ()),
+    "mlp_layer": Kind("blocks.{layer}.hook_mlp_out", ("pos", "d"), ()),
+    "heads": Kind("blocks.{layer}.attn.hook_z", ("pos", "head", "d"), ("head",)),
+    "heads_pos": Kind("blocks.{layer}.attn.hook_z", ("pos", "head", "d"), ("head", "pos")),
+    "pattern": Kind("blocks.{layer}.attn.hook_pattern", ("head", "q", "k"), ("head",)),
+}
+
+
+def _as_inputs(x: Any) -> dict[str, Tensor]:
+    return {"input_ids": x} if isinstance(x, Tensor) else dict(x)
+
+
+def _kind(kind: str) -> Kind:
+    if kind not in KINDS:
+        raise ValueError(f"unknown sweep kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def _grid(model: nn.Module, kind: Kind, n_pos: int) -> tuple[list[list[Any]], list[str], list[str], str, str]:
+    """Cells as (layer, {dim: value}) in row-major grid order, with row/col labels."""
+    cfg = model.cfg
+    sizes = {"pos": n_pos, "head": cfg.n_heads}
+    layers = list(range(cfg.n_layers))
+    if kind.cell == ("head", "pos"):
+        rows = [(layer, h) for layer in layers for h in range(cfg.n_heads)]
+        cells = [[layer, {"head": h, "pos": p}] for layer, h in rows for p in range(n_pos)]
+        return cells, [f"L{layer}H{h}" for layer, h in rows], [str(p) for p in range(n_pos)], "head", "position"
+    if not kind.cell:
+        return [[layer, {}] for layer in layers], [str(x) for x in layers], ["all"], "layer", ""
+    (dim,) = kind.cell
+    cells = [[layer, {dim: i}] for layer in layers for i in range(sizes[dim])]
+    label = "position" if dim == "pos" else "head"
+    return cells, [str(x) for x in layers], [str(i) for i in range(sizes[dim])], "layer", label
+
+
+def _check_pair(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> None:
+    a, b = clean["input_ids"].shape, corrupted["input_ids"].shape
+    if a != b:
+        raise ValueError(f"clean {tuple(a)} and corrupted {tuple(b)} inputs must have the same shape to be patched "
+                         f"position by position")
+
+
+def _baselines(model: nn.Module, clean: dict[str, Tensor], corrupted: dict[str, Tensor], metric: Metric,
+               hooks: list[str]) -> tuple[dict[str, Tensor], float, float, Tensor]:
+    with torch.no_grad():
+        out, cache = model.run_with_cache(**clean, names_filter=hooks)
+        corrupted_logits = model(**corrupted).logits
+    ex = torch.arange(out.logits.shape[0], device=out.logits.device)
+    clean_m = metric(out.logits, ex).mean()
+    corrupted_m = metric(corrupted_logits, ex).mean()
+    return dict(cache), float(clean_m), float(corrupted_m), corrupted_logits
+
+
+def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric, kind: str = "resid_pre",
+                     batch_size: int = 64, progress: bool = False) -> SweepResult:
+    """Exact patching sweep: for every cell, the mean metric of the corrupted run with that one clean activation
+    patched in. All cells x examples run as stacked batch rows, `batch_size` rows per forward pass."""
+    k = _kind(kind)
+    clean, corrupted = _as_inputs(clean), _as_inputs(corrupted)
+    _check_pair(clean, corrupted)
+    cells, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
+    hooks = sorted({k.hook.format(layer=c[0]) for c in cells})
+    stored, clean_m, corrupted_m, _ = _baselines(model, clean, corrupted, metric, hooks)
+    patches = [[Patch(k.hook.format(layer=layer), tuple(fixed.get(d) for d in k.layout))] for layer, fixed in cells]
+    values = run_cells(model, corrupted, patches, stored, metric, batch_size, progress=progress and f"patch {kind}")
+    return SweepResult(values.view(len(rows), len(cols)).cpu(), kind, getattr(metric, "__name__", "metric"),
+                       row_label, col_label, rows, cols, clean_m, corrupted_m)
+
+
+def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
+                      kind: str = "resid_pre") -> SweepResult:
+    """Attribution patching (Nanda 2023): the first-order estimate of every cell of `activation_patch` from one
+    clean forward, one corrupted forward and one backward: metric(corrupted) + sum((clean - corrupted) * grad).
+    Exact when the metric is linear in the patched activation; the values are comparable to the exact sweep's."""
+    k = _kind(kind)
+    clean, corrupted = _as_inputs(clean), _as_inputs(corrupted)
+    _check_pair(clean, corrupted)
+    cells, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
+    layers = sorted({c[0] for c in cells})
+    hooks = [k.hook.format(layer=layer) for layer in layers]
+    stored, clean_m, _, _ = _baselines(model, clean, corrupted, metric, hooks)
+    acts: dict[str, Tensor] = {}
+
+    def keep(x: Tensor, hook: Any) -> None:
+        acts[hook.name] = x
+
+    def leaf(x: Tensor, hook: Any) -> Tensor:  # make activations differentiable even if the model is frozen
+        return x if x.requires_grad else x.detach().requires_grad_(True)
+
+    with torch.enable_grad():
+        out = model.run_with_hooks(**corrupted, fwd_hooks=[("hook_embed", leaf)] + [(h, keep) for h in hooks])
+        ex = torch.arange(out.logits.shape[0], device=out.logits.device)
+        m = metric(out.logits, ex).mean()
+        grads = torch.autograd.grad(m, [acts[h] for h in hooks], allow_unused=True)
+    keep_dims = [i + 1 for i, d in enumerate(k.layout) if d in k.cell]
+    sum_dims = [i + 1 for i, d in enumerate(k.layout) if d not in k.cell]
+    per_layer = []
+    for h, g in zip(hooks, grads):
+        effect = (stored[h] - acts[h].detach()) * (torch.zeros_like(stored[h]) if g is None else g)
+        effect = effect.sum(dim=sum_dims) if sum_dims else effect
+        effect = effect.sum(dim=0)  # the metric is a mean over examples, so the gradient already holds the 1/B
+        order = [k.layout[d - 1] for d in keep_dims]
+        if order != list(k.cell):  # put the cell dims in the grid's order, e.g. (head, pos)
+            effect = effect.permute([order.index(d) for d in k.cell])
+        per_layer.append(effect.reshape(-1))
+    values = float(m.detach()) + torch.stack(per_layer).reshape(len(rows), len(cols))
+    return SweepResult(values.detach().cpu(), f"attribution:{kind}", getattr(metric, "__name__", "metric"), row_label,
+                       col_label, rows, cols, clean_m, float(m.detach()))
+
+
+def compare(exact: SweepResult, approx: SweepResult) -> dict[str, float]:
+    """Agreement of an attribution sweep with the exact one: correlation of effects and max abs difference."""
+    a = (exact.values - exact.corrupted).flatten()
+    b = (approx.values - approx.corrupted).flatten()
+    corr = torch.corrcoef(torch.stack([a, b]))[0, 1]
+    return {"correlation": float(corr), "max_abs_diff": float((a - b).abs().max())}
+
+

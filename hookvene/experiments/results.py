@@ -1,0 +1,57 @@
+"""SweepResult: a labelled grid of metric values, with baselines, that saves, loads and plots itself."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SweepResult:
+    """`values[i, j]` is the metric with cell (rows[i], cols[j]) patched (or restored)."""
+
+    values: Tensor
+    kind: str  # e.g. "resid_pre", "heads", "causal_trace:mlp"
+    metric: str
+    row_label: str
+    col_label: str
+    rows: list[str]
+    cols: list[str]
+    clean: float = float("nan")  # metric on the run the patches come from
+    corrupted: float = float("nan")  # metric on the run being patched, unpatched
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def normalized(self) -> Tensor:
+        """(value - corrupted) / (clean - corrupted): 1 = patching this cell alone restores the clean metric."""
+        return (self.values - self.corrupted) / (self.clean - self.corrupted)
+
+    def top(self, k: int = 5, largest: bool = True) -> list[tuple[str, str, float]]:
+        """The k cells with the largest (or smallest) effect relative to the corrupted baseline."""
+        effect = (self.values - self.corrupted).flatten()
+        idx = torch.topk(effect if largest else -effect, min(k, effect.numel())).indices.tolist()
+        n_cols = self.values.shape[1]
+        return [(self.rows[i // n_cols], self.cols[i % n_cols], float(self.values.flatten()[i])) for i in idx]
+
+    def save(self, path: str) -> None:
+        state = asdict(self)
+        state["values"] = self.values.detach().cpu()
+        torch.save(state, path)
+
+    @classmethod
+    def load(cls, path: str) -> "SweepResult":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**state)
+
+    def plot(self, path: str | None = None, title: str | None = None, **kwargs: Any) -> Any:
+        """Heatmap (matplotlib) labelled with the row/column names; saved to `path` (PNG/SVG by extension)."""
+        from hookvene.viz import heatmap
+
+        return heatmap(self.values, self.rows, self.cols, row_label=self.row_label, col_label=self.col_label,
+                       title=title or f"{self.kind}: {self.metric}", path=path, **kwargs)
+
+    def table(self, k: int = 5) -> str:
+        lines = [f"{self.kind} ({self.metric}); clean {self.clean:.3f}, corrupted {self.corrupted:.3f}"]
+        lines += [f"  {self.row_label} {r:>6}  {self.col_label} {c:>10}  {v:+.3f}" for r, c, v in self.top(k)]
+        return "\n".join(lines)

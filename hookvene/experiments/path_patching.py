@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from hookvene.experiments.metrics import Metric
 from hookvene.experiments.patching import _as_inputs, _baselines, _check_pair
@@ -72,9 +72,8 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
             batch = {k: v[ex] for k, v in clean.items()}
             hooks = patch_hooks(cells, cell_of_row, ex, stored)
             if not direct:
-                recorded: dict[str, Tensor] = {}
-                rec = [(r, lambda x, hook: recorded.__setitem__(hook.name, x)) for r in {r for r, _ in receivers}]
-                model.run_with_hooks(**batch, fwd_hooks=hooks + rec)
+                with model.hooks(fwd_hooks=hooks):  # pass 1: record what the receivers read
+                    _, recorded = model.run_with_cache(**batch, names_filter=sorted({r for r, _ in receivers}))
                 second = [[Patch(r, (None, head, None), store=f"recorded:{r}") for r, head in receivers]] * len(cells)
                 rows = torch.arange(len(ex))
                 hooks = patch_hooks(second, cell_of_row, ex, {f"recorded:{k}": v for k, v in recorded.items()},

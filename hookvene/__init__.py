@@ -43,12 +43,15 @@ from hookvene.models import (
     GPT2LM,
     GRU,
     GRULM,
+    T5,
+    T5LM,
     GPT2Config,
     GPTNeo,
     GPTNeoConfig,
     GPTNeoLM,
     GRUClassifier,
     GRUConfig,
+    T5Config,
 )
 from hookvene.utils import count_parameters, embed_to_distrib, format_token, set_seed, top_vals
 

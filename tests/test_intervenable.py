@@ -555,13 +555,17 @@ def test_skipping_equals_single_intervention(model):
         close(o, expect)
 
 
-def test_skipping_with_none_base_location_only(model):
-    """A None base location skips that intervention, even if its source is given."""
+def test_none_location_is_whole_tensor_and_none_source_skips(model):
+    """Per intervention, a None location means the whole tensor (locations.py); a None source skips it."""
     pvm = pv.IntervenableModel([{"layer": 0}, {"layer": 1}], model)
-    hook = "blocks.1.hook_resid_post"
-    expect = run(model, BASE, [(hook, patch_hook([2], cache(model, SRC2)[hook][:, [2]]))])
-    _, out = pvm(B(), [B(SRC), B(SRC2)], {"sources->base": ([None, [[2]] * 2], [None, [[2]] * 2])})
-    close(out.logits, expect)
+    h0, h1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+    whole = cache(model, SRC)[h0]
+    at2 = patch_hook([2], cache(model, SRC2)[h1][:, [2]])
+    locs = ([None, [[2]] * 2], [None, [[2]] * 2])
+    _, out = pvm(B(), [B(SRC), B(SRC2)], {"sources->base": locs})
+    close(out.logits, run(model, BASE, [(h0, lambda x, _: whole.clone()), (h1, at2)]))
+    _, out = pvm(B(), [None, B(SRC2)], {"sources->base": locs})
+    close(out.logits, run(model, BASE, [(h1, at2)]))
 
 
 def test_linking_shares_object_and_writes_both_subspaces(model):

@@ -17,6 +17,7 @@ Dimension glossary (used in every jaxtyping annotation and einsum string):
 from hookvene.models.gpt2 import GPT2, GPT2LM, GPT2Config
 from hookvene.models.gpt_neo import GPTNeo, GPTNeoConfig, GPTNeoLM
 from hookvene.models.gru import GRU, GRULM, GRUCell, GRUClassifier, GRUConfig
+from hookvene.models.t5 import T5, T5LM, T5Config
 
 __all__ = ["GPT2", "GPT2LM", "GPT2Config", "GPTNeo", "GPTNeoConfig", "GPTNeoLM",
-           "GRU", "GRULM", "GRUCell", "GRUClassifier", "GRUConfig"]
+           "GRU", "GRULM", "GRUCell", "GRUClassifier", "GRUConfig", "T5", "T5LM", "T5Config"]

@@ -14,6 +14,7 @@ Dimension glossary (used in every jaxtyping annotation and einsum string):
     d_hidden GRU hidden width
 """
 
+from hookvene.models import constants
 from hookvene.models.gpt2 import GPT2, GPT2LM, GPT2Config
 from hookvene.models.gpt_neo import GPTNeo, GPTNeoConfig, GPTNeoLM
 from hookvene.models.gru import GRU, GRULM, GRUCell, GRUClassifier, GRUConfig

@@ -1,0 +1,3 @@
+from hookvene.cli import main
+
+main()

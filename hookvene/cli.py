@@ -1,0 +1,168 @@
+"""The `hookvene` command.
+
+    hookvene ioi   [--model ioi-gpt2] [--out out/]        IOI circuit analysis (the README's main job)
+    hookvene trace --prompt ... --subject ... --target ...  causal tracing heatmap
+    hookvene patch --clean ... --corrupted ... --answer ... --wrong ...   activation patching heatmap
+    hookvene info  MODEL                                   components, hooks and sizes
+
+`--model` takes a bundled model name (`hookvene.zoo_models()`), a local HF checkpoint directory, or a hub name
+(`gpt2`, needs the network). Every command prints a short table and writes its figure under `--out`.
+"""
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "ioi-gpt2"
+
+
+def _load(name: str) -> tuple[Any, Any]:
+    from hookvene.loading import from_pretrained, load_tokenizer, resolve_path
+
+    path = resolve_path(name)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        raise SystemExit(f"{name!r} has no tokenizer files next to its weights; save the tokenizer there too")
+    return from_pretrained(path, lm_head=True), tokenizer
+
+
+def _positions(tokenizer: Any, prompt: str, fragment: str) -> list[int]:
+    """Token positions covering the first occurrence of `fragment` in `prompt`."""
+    start = prompt.find(fragment)
+    if start < 0:
+        raise SystemExit(f"subject {fragment!r} does not occur in the prompt {prompt!r}")
+    enc = tokenizer(prompt, return_offsets_mapping=True)
+    end = start + len(fragment)
+    return [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+
+
+def _single_token(tokenizer: Any, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise SystemExit(f"{text!r} is {len(ids)} tokens for this tokenizer; pass a single-token answer "
+                         f"(with its leading space, e.g. ' Paris')")
+    return ids[0]
+
+
+def cmd_ioi(args: argparse.Namespace) -> None:
+    from hookvene.experiments.ioi_analysis import ioi_analysis
+
+    t0 = time.perf_counter()
+    model, tokenizer = _load(args.model)
+    torch.manual_seed(args.seed)
+    report = ioi_analysis(model, tokenizer, n=args.n, seed=args.seed, out_dir=args.out, top_k=args.top_k)
+    print(report.summary())
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    from hookvene.experiments.causal_tracing import causal_trace
+
+    model, tokenizer = _load(args.model)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    subject = _positions(tokenizer, args.prompt, args.subject)
+    result = causal_trace(model, inputs["input_ids"], subject, _single_token(tokenizer, args.target), kind=args.kind,
+                          n_samples=args.samples, seed=args.seed, progress=True)
+    tokens = [tokenizer.decode(t) for t in inputs["input_ids"][0]]
+    result.cols = [f"{t.strip()}*" if i in subject else t.strip() for i, t in enumerate(tokens)]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"trace_{args.kind}.png")
+    result.plot(path, title=f"P({args.target.strip()!r}) with {args.kind} restored (* = corrupted subject)",
+                center=result.corrupted, cmap="Purples")
+    print(result.table())
+    print(f"figure: {path}")
+
+
+def cmd_patch(args: argparse.Namespace) -> None:
+    from hookvene.experiments.metrics import logit_diff
+    from hookvene.experiments.patching import activation_patch
+
+    model, tokenizer = _load(args.model)
+    clean = tokenizer(args.clean, return_tensors="pt")["input_ids"]
+    corrupted = tokenizer(args.corrupted, return_tensors="pt")["input_ids"]
+    metric = logit_diff(_single_token(tokenizer, args.answer), _single_token(tokenizer, args.wrong))
+    result = activation_patch(model, clean, corrupted, metric, kind=args.kind, progress=True)
+    if result.col_label == "position":
+        result.cols = [f"{i}:{tokenizer.decode(t).strip()}" for i, t in enumerate(clean[0])]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"patch_{args.kind}.png")
+    result.plot(path)
+    print(result.table())
+    print(f"figure: {path}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from hookvene.components import table_for
+    from hookvene.loading import from_pretrained, resolve_path
+
+    model = from_pretrained(resolve_path(args.model))
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    print(f"{type(model).__name__}  {n_params / 1e6:.2f}M parameters  {len(model.hook_dict)} hook points")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    kwargs = {"decoder_input_ids": ids} if "decoder_input_ids" in model.forward.__code__.co_varnames else {}
+    _, cache = model.run_with_cache(ids, **kwargs)
+    print("\nhook points (layer 0 and globals), shape for batch 1 x 4 tokens:")
+    for name, t in cache.items():
+        if ".0." in name or "blocks" not in name:
+            print(f"  {name:<45} {tuple(t.shape)}")
+    print("\npyvene components (layer 0) -> hook:")
+    for comp, entry in (table_for(model) or {}).items():
+        hook = entry.hook if hasattr(entry, "hook") else entry[0].format(layer=0)
+        print(f"  {comp:<36} {hook}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="hookvene", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local checkpoint dir, or hub name")
+        sp.add_argument("--out", default="out", help="folder for figures and results")
+        sp.add_argument("--seed", type=int, default=0)
+
+    sp = sub.add_parser("ioi", help="IOI circuit analysis (logit diff, head patching, attention of top heads)")
+    common(sp)
+    sp.add_argument("--n", type=int, default=64, help="number of IOI prompts")
+    sp.add_argument("--top-k", type=int, default=5)
+    sp.set_defaults(fn=cmd_ioi)
+
+    sp = sub.add_parser("trace", help="ROME causal tracing over layers x positions")
+    common(sp)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--subject", required=True, help="substring of the prompt to corrupt")
+    sp.add_argument("--target", required=True, help="answer token, with its leading space")
+    sp.add_argument("--kind", choices=["resid", "mlp", "attn"], default="resid")
+    sp.add_argument("--samples", type=int, default=10)
+    sp.set_defaults(fn=cmd_trace)
+
+    sp = sub.add_parser("patch", help="activation patching sweep (clean into corrupted)")
+    common(sp)
+    sp.add_argument("--clean", required=True)
+    sp.add_argument("--corrupted", required=True)
+    sp.add_argument("--answer", required=True, help="the clean answer token (leading space)")
+    sp.add_argument("--wrong", required=True, help="the corrupted answer token (leading space)")
+    from hookvene.experiments.patching import KINDS
+
+    sp.add_argument("--kind", choices=list(KINDS), default="heads")
+    sp.set_defaults(fn=cmd_patch)
+
+    sp = sub.add_parser("info", help="components, hook points and sizes of a model")
+    sp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    sp.set_defaults(fn=cmd_info)
+
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, OSError) as e:
+        print(f"hookvene {args.command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

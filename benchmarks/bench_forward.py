@@ -80,7 +80,8 @@ def main() -> None:
           f"{hf.config._attn_implementation}, {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M params, "
           f"{rounds} rounds, {warmup} warm-up\n")
 
-    rows = []
+    print("| batch x pos | forward | median ms | min ms | ratio to transformers | target |")
+    print("|---|---|---:|---:|---:|---|", flush=True)
     for shape in args.shapes.split(","):
         batch, pos = map(int, shape.lower().split("x"))
         ids = torch.randint(0, hf.config.vocab_size, (batch, pos), generator=torch.Generator().manual_seed(1))
@@ -94,12 +95,8 @@ def main() -> None:
             target = TARGETS.get(name)
             verdict = "" if target is None or name == "transformers" else (
                 f"<= {target}x {'ok' if ratio <= target else 'MISSED'}")
-            rows.append(f"| {batch} x {pos} | {name} | {statistics.median(ts) * 1e3:.1f} | {min(ts) * 1e3:.1f} | "
-                        f"{ratio:.3f}x | {verdict} |")
-
-    print("| batch x pos | forward | median ms | min ms | ratio to transformers | target |")
-    print("|---|---|---:|---:|---:|---|")
-    print("\n".join(rows))
+            print(f"| {batch} x {pos} | {name} | {statistics.median(ts) * 1e3:.1f} | {min(ts) * 1e3:.1f} | "
+                  f"{ratio:.3f}x | {verdict} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,12 @@ def B(x=BASE):
     return {"input_ids": x}
 
 
+def stacked(acts, batch=2):
+    """pyvene's collected activations: a flat list with one tensor per example (per Collect key, per call)."""
+    assert len(acts) == batch, len(acts)
+    return torch.stack(acts)
+
+
 # -- each intervention type against an oracle -----------------------------------------------------------------------
 
 RESID1 = "blocks.1.hook_resid_post"
@@ -118,9 +124,22 @@ def test_collect_matches_cache_and_leaves_output(model):
                                 "intervention_type": pv.CollectIntervention}, model)
     (orig, acts), out = pvm(B(), unit_locations={"base": POS})
     assert orig is None
-    assert len(acts) == 1
-    close(acts[0], cache(model, BASE)[RESID1][:, POS])
+    close(stacked(acts), cache(model, BASE)[RESID1][:, POS])
     close(out.logits, plain(model))
+
+
+def test_collect_two_keys_order(model):
+    """pyvene's order: for each Collect key in sorted order, its examples in batch order."""
+    pvm = pv.IntervenableModel([{"layer": 0, "intervention_type": pv.CollectIntervention},
+                                {"layer": 2, "component": "mlp_output", "intervention_type": pv.CollectIntervention}],
+                               model)
+    (_, acts), _ = pvm(B(), unit_locations={"base": 2})
+    c = cache(model, BASE)
+    expect = [c["blocks.0.hook_resid_post"][0, [2]], c["blocks.0.hook_resid_post"][1, [2]],
+              c["blocks.2.hook_mlp_out"][0, [2]], c["blocks.2.hook_mlp_out"][1, [2]]]
+    assert len(acts) == 4
+    for a, e in zip(acts, expect):
+        close(a, e)
 
 
 def test_skip_matches_oracle(model):
@@ -193,6 +212,43 @@ def test_low_rank_two_units_is_flattened(model):
     expect = run(model, BASE, [(RESID1, patch_hook(POS, src, fn))])
     _, out = pvm(B(), [B(SRC)], {"sources->base": POS})
     close(out.logits, expect)
+
+
+def test_low_rank_heads_flattened(model):
+    """pyvene: on a head component (b, h, s, d) is seen as (b, s, h*d) by a distributed intervention."""
+    pvm = pv.IntervenableModel({"layer": 1, "component": "head_attention_value_output", "unit": "h.pos",
+                                "max_number_of_units": 2, "low_rank_dimension": 3,
+                                "intervention_type": pv.LowRankRotatedSpaceIntervention}, model)
+    w = rotation_weight(pvm)
+    assert w.shape == (2 * DH, 3)
+    hook = "blocks.1.attn.hook_z"
+    z = cache(model, SRC)[hook]  # batch pos head d_head
+
+    def oracle(x, _):
+        x = x.clone()
+        b = x[:, 3][:, [1, 2]].reshape(2, -1)
+        s = z[:, 3][:, [1, 2]].reshape(2, -1)
+        x[:, 3, [1, 2]] = (b + ((s - b) @ w) @ w.T).reshape(2, 2, DH)
+        return x
+
+    loc = [[[1, 2]] * 2, [[3]] * 2]
+    _, out = pvm(B(), [B(SRC)], {"sources->base": ([loc], [loc])})
+    close(out.logits, run(model, BASE, [(hook, oracle)]))
+
+
+def test_boundless_per_unit_with_temperature(model):
+    pvm = pv.IntervenableModel({"layer": 1, "intervention_type": pv.BoundlessRotatedSpaceIntervention}, model)
+    pvm.set_temperature(0.5)
+    iv = pvm.interventions[pvm.sorted_keys[0]][0]
+    assert float(iv.get_temperature()) == 0.5
+    assert pvm.count_parameters() == D * D + 1  # rotation + boundary; the temperature is not trainable
+    w = iv.rotate_layer.weight.detach()
+    i = torch.arange(float(D))
+    m = torch.sigmoid(i / 0.5) * torch.sigmoid((0.5 * D - i) / 0.5)
+    src = cache(model, SRC)[RESID1][:, [2, 4]]
+    fn = lambda b, s: ((1 - m) * (b @ w) + m * (s @ w)) @ w.T  # noqa: E731
+    _, out = pvm(B(), [B(SRC)], {"sources->base": [2, 4]})
+    close(out.logits, run(model, BASE, [(RESID1, patch_hook([2, 4], src, fn))]))
 
 
 def test_low_rank_one_unit_matches_oracle(model):
@@ -348,7 +404,7 @@ def test_get_loc(model):
     pvm = pv.IntervenableModel({"layer": 0, "component": "head_value_output", "unit": "h.pos",
                                 "intervention_type": pv.CollectIntervention}, model)
     (_, acts), _ = pvm(B(), unit_locations={"base": loc})
-    close(acts[0], cache(model, BASE)["blocks.0.attn.hook_v"][:, 4, 1].reshape(2, 1, 1, DH))
+    close(stacked(acts), cache(model, BASE)["blocks.0.attn.hook_v"][:, 4, 1].reshape(2, 1, 1, DH))
 
 
 def test_attention_weight_h(model):
@@ -427,10 +483,17 @@ ALIASES = {
 
 @pytest.mark.parametrize("component", list(ALIASES))
 def test_component_alias_resolves_to_documented_hook(model, component):
+    """The tensor an intervention receives (recorded by a function intervention) has pyvene's shape and equals the
+    documented hook's activation in pyvene's view; the output is unchanged when the function returns it as is."""
     hook, kind = ALIASES[component]
     unit = {"pos": "pos", "merge": "pos", "heads": "h.pos", "pattern": "h"}[kind]
-    pvm = pv.IntervenableModel({"layer": 1, "component": component, "unit": unit,
-                                "intervention_type": pv.CollectIntervention}, model)
+    seen = []
+
+    def recorder(b, s):
+        seen.append(b.detach().clone())
+        return b
+
+    pvm = pv.IntervenableModel({"layer": 1, "component": component, "unit": unit, "intervention": recorder}, model)
     key = pvm.sorted_keys[0]
     assert pvm.interventions[key][1] == hook
     act = cache(model, BASE)[hook]
@@ -443,9 +506,10 @@ def test_component_alias_resolves_to_documented_hook(model, component):
         shape, expect = (2, 1, 2, DH), act.permute(0, 2, 1, 3)[:, [1]][:, :, [1, 2]]
     else:
         loc, shape, expect = [0, 3], (2, 2, SEQ, SEQ), act[:, [0, 3]]
-    (_, acts), out = pvm(B(), unit_locations={"base": [loc] if kind == "heads" else loc})
-    assert acts[0].shape == shape
-    close(acts[0], expect)
+    _, out = pvm(B(), unit_locations={"base": [loc] if kind == "heads" else loc})
+    assert len(seen) == 1
+    assert seen[0].shape == shape
+    close(seen[0], expect)
     close(out.logits, plain(model))
     assert not model.has_hooks()
 
@@ -651,7 +715,7 @@ def test_output_original_output_and_return_dict(model):
     collect = pv.IntervenableModel({"layer": 1, "intervention_type": pv.CollectIntervention}, model)
     res = collect(B(), unit_locations={"base": 3}, return_dict=True)
     assert res.original_outputs is None
-    assert len(res.collected_activations) == 1 and res.collected_activations[0].shape == (2, 1, D)
+    assert len(res.collected_activations) == 2 and res.collected_activations[0].shape == (1, D)
 
 
 def test_labels_are_forwarded(model):

@@ -1,5 +1,10 @@
-"""Experiment helpers built on hookvene: datasets and metrics for circuit analyses (IOI so far)."""
+"""One-call experiments: activation / attribution / path patching sweeps, causal tracing, and IOI data + analysis.
 
+    from hookvene.experiments import activation_patch, attribution_patch, causal_trace, path_patch, metrics
+"""
+
+from hookvene.experiments import metrics
+from hookvene.experiments.causal_tracing import causal_trace
 from hookvene.experiments.ioi import (
     CORRUPTIONS,
     HELDOUT_NAME_PAIRS,
@@ -18,8 +23,22 @@ from hookvene.experiments.ioi import (
     name_token,
     tokenize_ioi,
 )
+from hookvene.experiments.ioi_analysis import IOIReport, ioi_analysis
+from hookvene.experiments.patching import KINDS, activation_patch, attribution_patch, compare
+from hookvene.experiments.path_patching import path_patch
+from hookvene.experiments.results import SweepResult
 
 __all__ = [
+    "KINDS",
+    "IOIReport",
+    "SweepResult",
+    "activation_patch",
+    "attribution_patch",
+    "causal_trace",
+    "compare",
+    "ioi_analysis",
+    "metrics",
+    "path_patch",
     "CORRUPTIONS",
     "HELDOUT_NAME_PAIRS",
     "HELDOUT_TEMPLATE_IDS",

@@ -1,0 +1,29 @@
+# Two targets a newcomer needs: `make ioi` (the main job, offline) and `make test`. Both install into .venv first.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3.11 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0   # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+ioi: install
+	$(VENV)/bin/hookvene ioi --out out/
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check hookvene tests examples benchmarks scripts
+
+bench: install
+	$(PY) benchmarks/bench_forward.py
+	$(PY) benchmarks/bench_interventions.py
+	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_experiments.py
+
+.PHONY: install ioi test lint bench

@@ -145,6 +145,14 @@ class HookedModule(nn.Module):
     def has_hooks(self) -> bool:
         return any(p.has_hooks for p in self.hook_dict.values())
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     @contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (),
               bwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = ()) -> Iterator["HookedModule"]:

@@ -25,7 +25,8 @@ from hookvene.experiments.results import SweepResult
 
 ATOL = 1e-5
 N_VOCAB, SEQ, BATCH = 101, 5, 3
-# initializer_range 0.2 (HF default 0.02) gives logits of order 1, so effects are far above the 1e-5 tolerance
+# initializer_range 0.2 (HF default 0.02): sharper attention and larger effects (order 0.1-1), far above the 1e-5
+# tolerance
 INIT = 0.2
 
 
@@ -302,8 +303,11 @@ def test_attribution_exact_downstream_of_last_attention(last_layer_affine_model,
         assert (approx.values[first] - exact.values[first]).abs().max().item() > 1e-3
 
 
-# measured on this 2-layer random model (seed 0, init 0.2) and the CLEAN/CORRUPTED pair: see the report in the test
-MIN_CORRELATION = {"heads": 0.8, "resid_pre": 0.8}
+# Measured on this 2-layer model (seed 0, HF-default init 0.02) with the CLEAN/CORRUPTED pair: heads 1.000,
+# resid_pre 0.961. The heads estimate is robust (>= 0.999 for seeds 0-3); resid_pre is not: its layer-0 cells at the
+# swapped tokens patch a whole token embedding through LayerNorm, far outside the linear regime (seeds 1-3 gave -0.18,
+# 0.67, 0.84; float64 gives the same numbers, so this is the method, not round-off). Hence the fixed seed.
+MIN_CORRELATION = {"heads": 0.9, "resid_pre": 0.8}
 
 
 @pytest.mark.parametrize("kind", ["heads", "resid_pre"])
@@ -474,12 +478,13 @@ BAD_INPUTS = {
     "empty subject": lambda m, ct: causal_trace(ct, CT_PROMPT, [], CT_TARGET),
     "unknown receiver hook": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,
                                                       receivers=[("blocks.9.attn.hook_q", 0)]),
-    # the four below fail today (IndexError / KeyError / RuntimeError deep inside the sweep): see the report
+    # the five below fail today (IndexError / KeyError / RuntimeError deep inside the sweep): see the report
     "receiver hook without heads": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,
                                                             receivers=[("blocks.1.hook_resid_pre", 0)]),
     "receiver head out of range": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,
                                                            receivers=[("blocks.1.attn.hook_q", 7)]),
     "sender layer out of range": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, senders=[(5, 0)]),
+    "sender head out of range": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, senders=[(0, 9)]),
     "target outside the vocabulary": lambda m, ct: causal_trace(ct, CT_PROMPT, CT_SUBJECT, N_VOCAB + 5),
 }
 

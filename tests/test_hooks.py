@@ -253,8 +253,8 @@ def test_cached_tensors_are_detached_and_moved(model, tokens):
     assert moved["blocks.0.hook_resid_post"].device.type == "meta"
     _, same = model.run_with_cache(tokens, names_filter="blocks.0.hook_resid_post", device="cpu")
     torch.testing.assert_close(same["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"])
-    _, dtyped = model.run_with_cache(tokens, names_filter="hook_embed", device=torch.device("cpu"))
-    assert dtyped["hook_embed"].device == torch.device("cpu")
+    _, on_cpu = model.run_with_cache(tokens, names_filter="hook_embed", device=torch.device("cpu"))
+    assert on_cpu["hook_embed"].device == torch.device("cpu")
 
 
 def test_activation_cache_shorthand(model, tokens):

@@ -50,7 +50,11 @@ def _download(name: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt"])
+        meta = ["*.json", "*.txt", "*.model"]
+        path = snapshot_download(name, allow_patterns=meta + ["*.safetensors"])
+        if not any(f.endswith(".safetensors") for f in os.listdir(path)):  # older repos: pytorch_model.bin only
+            path = snapshot_download(name, allow_patterns=meta + ["*.bin"])
+        return path
     except Exception as e:
         raise OSError(
             f"could not fetch {name!r} from the HuggingFace hub ({type(e).__name__}; offline?). hookvene also "

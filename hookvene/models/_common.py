@@ -23,6 +23,11 @@ class HFAliases:
         return getattr(self, alias)
 
 
+def alias(attr: str) -> property:
+    """A read-only HuggingFace name for one of our attributes (`model.wte` is `model.embed`); hook names stay."""
+    return property(lambda self: getattr(self, attr), doc=f"HuggingFace-style alias of `{attr}`.")
+
+
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -149,13 +154,18 @@ def lm_loss(logits: Float[Tensor, "batch pos d_vocab"], labels: Int[Tensor, "bat
                            ignore_index=-100)
 
 
-def check_tokens(input_ids: Tensor, d_vocab: int, n_ctx: int | None, offset: int = 0) -> None:
+def check_length(n_tokens: int, n_ctx: int | None) -> None:
+    if n_ctx is not None and n_tokens > n_ctx:
+        raise ValueError(f"sequence of {n_tokens} tokens is longer than the model's context of {n_ctx} (n_ctx)")
+
+
+def check_tokens(input_ids: Tensor | None, d_vocab: int, n_ctx: int | None, offset: int = 0) -> None:
     """Clear errors instead of an IndexError deep inside an embedding lookup."""
+    if input_ids is None:
+        raise ValueError("pass input_ids or inputs_embeds")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (batch, pos), got {tuple(input_ids.shape)}")
-    if n_ctx is not None and offset + input_ids.shape[1] > n_ctx:
-        raise ValueError(f"sequence of {offset + input_ids.shape[1]} tokens is longer than the model's context "
-                         f"of {n_ctx} (n_ctx)")
+    check_length(offset + input_ids.shape[1], n_ctx)
     if input_ids.numel():
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= d_vocab:

@@ -26,8 +26,10 @@ from hookvene.models._common import (
     HFAliases,
     KVCache,
     ModelOutput,
+    alias,
     attend,
     causal_mask,
+    check_length,
     check_tokens,
     lm_loss,
     merge_heads,
@@ -191,6 +193,7 @@ class GPTNeo(HookedModule):
             check_tokens(input_ids, self.cfg.d_vocab, self.cfg.n_ctx, past)
             inputs_embeds = self.embed(input_ids)
         n_pos = inputs_embeds.shape[1]
+        check_length(past + n_pos, self.cfg.n_ctx)  # also for inputs_embeds: the position table ends at n_ctx
         if position_ids is None:
             position_ids = torch.arange(past, past + n_pos, device=inputs_embeds.device)[None]
         embed = self.hook_embed(inputs_embeds)
@@ -204,37 +207,8 @@ class GPTNeo(HookedModule):
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
     # HuggingFace attribute names (`tinystory.transformer.wte(...)`, `config.num_layers`); hook names stay.
-    @property
-    def config(self) -> GPTNeoConfig:
-        return self.cfg
-
-    @property
-    def wte(self) -> nn.Embedding:
-        return self.embed
-
-    @property
-    def wpe(self) -> nn.Embedding:
-        return self.pos_embed
-
-    @property
-    def h(self) -> nn.ModuleList:
-        return self.blocks
-
-    @property
-    def ln_f(self) -> LayerNorm:
-        return self.ln_final
-
-    @property
-    def transformer(self) -> "GPTNeo":
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+    config, wte, wpe, h, ln_f = alias("cfg"), alias("embed"), alias("pos_embed"), alias("blocks"), alias("ln_final")
+    transformer = property(lambda self: self, doc="HuggingFace's `model.transformer`: the model itself.")
 
 
 class GPTNeoLM(GPTNeo):
@@ -261,6 +235,4 @@ class GPTNeoLM(GPTNeo):
             out.loss = lm_loss(out.logits, labels)
         return out
 
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.unembed
+    lm_head = alias("unembed")

@@ -25,7 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from hookvene.hooks import HookedModule, HookPoint
-from hookvene.models._common import HFAliases, ModelOutput, check_tokens, lm_loss
+from hookvene.models._common import HFAliases, ModelOutput, alias, check_tokens, lm_loss
 
 LOSSES = {  # problem_type -> loss(logits, labels), as transformers' sequence classifiers compute it
     "single_label_classification": lambda logits, labels: F.cross_entropy(logits, labels.view(-1)),
@@ -157,21 +157,7 @@ class GRU(HookedModule):
             outputs.append(inp)
         return ModelOutput(last_hidden_state=torch.stack(outputs, dim=1))
 
-    @property
-    def config(self) -> GRUConfig:
-        return self.cfg
-
-    @property
-    def cells(self) -> nn.ModuleList:  # pyvene's name for the layers
-        return self.layers
-
-    @property
-    def device(self) -> torch.device:
-        return self.layers[0].h2h.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layers[0].h2h.weight.dtype
+    config, cells = alias("cfg"), alias("layers")  # HuggingFace name; pyvene's name for the layers
 
 
 class GRUClassifier(GRU):

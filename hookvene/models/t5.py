@@ -33,6 +33,7 @@ from hookvene.models._common import (
     HFAliases,
     KVCache,
     ModelOutput,
+    alias,
     attend,
     causal_mask,
     check_tokens,
@@ -365,17 +366,7 @@ class T5(HookedModule):
                            encoder_last_hidden_state=encoder_outputs)
 
     # HuggingFace attribute names; `shared`, `encoder` and `decoder` are the real submodules.
-    @property
-    def config(self) -> T5Config:
-        return self.cfg
-
-    @property
-    def device(self) -> torch.device:
-        return self.shared.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.shared.weight.dtype
+    config = alias("cfg")  # HuggingFace name
 
 
 class T5LM(T5):
@@ -420,6 +411,4 @@ class T5LM(T5):
             out.loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return out
 
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.unembed
+    lm_head = alias("unembed")

@@ -145,7 +145,7 @@ class IntervenableConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
-    def __repr__(self) -> str:
-        return f"IntervenableConfig({self.to_json_string()})"
+    def __repr__(self) -> str:  # plain JSON, as pyvene prints it
+        return self.to_json_string()
 
     __str__ = __repr__

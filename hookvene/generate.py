@@ -139,7 +139,8 @@ def intervened_generate(iv: Any, base: Any, sources: Any = None, unit_locations:
     """IntervenableModel.generate: returns `(original ids or None, intervened ids)`, or with a Collect
     intervention `((original, collected activations), intervened ids)`. See the module docstring for when
     interventions apply; `**kwargs` go to `generate` (max_new_tokens, max_length, do_sample, temperature, ...)."""
-    from hookvene.intervenable import _as_inputs
+    from hookvene.intervenable import _as_inputs, flatten_collected
+    from hookvene.interventions import CollectIntervention
 
     base = _as_inputs(base)
     input_ids, mask = base["input_ids"], base.get("attention_mask")
@@ -170,6 +171,6 @@ def intervened_generate(iv: Any, base: Any, sources: Any = None, unit_locations:
 
     original = generate(iv.model, input_ids, mask, **kwargs) if output_original_output else None
     ids = generate(iv.model, input_ids, mask, around=around, **kwargs)
-    if any(type(s.intervention).__name__ == "CollectIntervention" for s in iv.slots):
-        return (original, [t for s in iv.slots for t in collected[s.key]]), ids
+    if any(isinstance(s.intervention, CollectIntervention) for s in iv.slots):
+        return (original, flatten_collected(iv.slots, collected)), ids
     return original, ids

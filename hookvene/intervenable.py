@@ -142,6 +142,11 @@ def from_view(site: Site, v: Tensor, x: Tensor) -> Tensor:
     return v
 
 
+def flatten_collected(slots: list[Slot], collected: dict[str, list[Tensor]]) -> list[Tensor]:
+    """pyvene's layout: one tensor per example (batch dim dropped) per hook call, keys in order."""
+    return [row for s in slots for t in collected[s.key] for row in t]
+
+
 UNIT_NAMES = {"pos": ("position",), "h": ("head",), "h.pos": ("head", "position"), "t": ("time step",)}
 
 
@@ -360,7 +365,7 @@ class IntervenableModel(nn.Module):
             view = to_view(site, x)
             base = self._gather(view, plan.base_sel, slot, what)
             source = plan.given if plan.source == "given" else plan.store.get(None)
-            new = self._apply(slot, base, source, plan.subspaces)
+            new = self._apply(slot, base, source, plan.subspaces, plan.base_sel is not None)
             if isinstance(iv, CollectIntervention):
                 collected[slot.key].append(new)
                 return None
@@ -399,11 +404,13 @@ class IntervenableModel(nn.Module):
             return from_view(site, new.to(view.dtype), x)
         return set_
 
-    def _apply(self, slot: Slot, base: Tensor, source: Tensor | None, subspaces: Any) -> Tensor:
-        """Call the intervention, flattening units first for distributed (rotation) interventions, as pyvene."""
+    def _apply(self, slot: Slot, base: Tensor, source: Tensor | None, subspaces: Any,
+               selected: bool = True) -> Tensor:
+        """Call the intervention, flattening the selected units into one vector first where pyvene does (see
+        `Intervention.flattens_units`). A whole tensor (no unit_locations) is not flattened: the intervention
+        then acts on every position's vector."""
         iv = slot.intervention
-        flatten = iv.is_repr_distributed and not iv.keep_last_dim and base.dim() > 2
-        if not flatten:
+        if not (selected and iv.flattens_units and base.dim() > 2):
             return iv(base, source, subspaces)
         shape = base.shape
         if base.dim() == 4:  # (b, h, s, d) -> (b, s, h * d)
@@ -472,7 +479,7 @@ class IntervenableModel(nn.Module):
 
     def _pack(self, original: Any, out: Any, collected: dict[str, list[Tensor]], return_dict: bool | None) -> Any:
         has_collect = any(isinstance(s.intervention, CollectIntervention) for s in self.slots)
-        acts = [t for s in self.slots for t in collected[s.key]]
+        acts = flatten_collected(self.slots, collected)
         if return_dict:
             return IntervenableModelOutput(original, out, acts if has_collect else None)
         if has_collect:

@@ -23,7 +23,6 @@ class Intervention(nn.Module):
 
     trainable = False
     is_source_constant = False  # True: needs no source run (constant source, or none at all)
-    is_repr_distributed = False  # True: units are flattened into one vector before the call (DAS-style)
     uses_module_input = False  # True (Skip): the source is the hooked module's *input* on the source run
 
     def __init__(self, **kwargs: Any) -> None:
@@ -37,6 +36,15 @@ class Intervention(nn.Module):
         self.register_buffer("source_representation", None if source is None else torch.as_tensor(source))
         if source is not None or kwargs.get("hidden_source_representation"):
             self.is_source_constant = True
+
+    @property
+    def flattens_units(self) -> bool:
+        """Whether the selected units are flattened into one vector before the call, as pyvene does for every
+        intervention except localist ones (Vanilla, Addition, Zero, ...), Collect, Boundless DAS, functions, and
+        those built with keep_last_dim=True: a rotation then spans all units (embed_dim = width x units)."""
+        plain = (LocalistRepresentationIntervention, CollectIntervention, BoundlessRotatedSpaceIntervention,
+                 LambdaIntervention)
+        return not (self.keep_last_dim or isinstance(self, plain))
 
     def set_source_representation(self, source: Tensor) -> None:
         self.source_representation = torch.as_tensor(source)
@@ -298,8 +306,6 @@ class BoundlessRotatedSpaceIntervention(TrainableIntervention, DistributedRepres
     """Boundless DAS (Wu et al. 2023): a learned soft boundary beta picks the rotated dims to interchange:
     m_i = sigmoid(i / T) * sigmoid((beta n - i) / T); out = ((1 - m) Rb + m Rs) R^T. Set T with
     `set_temperature` (annealed during training); it is a buffer, not a parameter."""
-
-    is_repr_distributed = False  # as in pyvene, applied to each unit's vector (not flattened)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -10,10 +10,9 @@ Models are tiny random checkpoints made locally (GPT-2, GPT-Neo with a local-att
 sequence, T5 for the decoder side); weights are redrawn larger than HF's init so greedy choices are not near-ties.
 """
 
-import sys
-
 import pytest
 import torch
+from helpers import save_checkpoint, tiny_gpt2
 
 import hookvene as pv
 
@@ -438,7 +437,8 @@ def test_length_errors(model):
         model.generate(ids, mask, max_length=N_CTX + 1)
     with pytest.raises(ValueError, match="context"):
         iv.generate(base, source_representations=vec(), max_new_tokens=N_CTX - 6)
-    model.generate(ids, mask, max_length=N_CTX, use_cache=True, max_new_tokens=N_CTX - 7)  # exactly full: fine
+    full = model.generate(ids, mask, max_length=N_CTX, max_new_tokens=N_CTX - 7)  # consistent and exactly full
+    assert full.shape == (3, N_CTX)
     with pytest.raises(ValueError, match="conflicting"):
         model.generate(ids, mask, max_new_tokens=3, max_length=20)
     with pytest.raises(ValueError, match="conflicting"):
@@ -624,13 +624,6 @@ def test_t5_base_model_is_refused(t5_pair):
 # --- ports: the spec's "LMs Generation" cell and Tutorial 6 ---------------------------------------------------------
 
 
-def _helpers():
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    import helpers
-
-    return helpers
-
-
 def test_spec_lms_generation_cell(tmp_path, tokenizer):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
@@ -639,7 +632,7 @@ def test_spec_lms_generation_cell(tmp_path, tokenizer):
     hf = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=14700, max_position_embeddings=256, hidden_size=16, num_layers=2,
                                         num_heads=2, intermediate_size=32, attention_types=[[["global", "local"], 1]],
                                         window_size=16, bos_token_id=0, eos_token_id=0)).eval()
-    path = _helpers().save_checkpoint(hf, tokenizer, str(tmp_path / "tinystories"))
+    path = save_checkpoint(hf, tokenizer, str(tmp_path / "tinystories"))
 
     # --- the cell, with the checkpoint path instead of the hub name ---
     _, tokenizer, tinystory = pv.create_gpt_neo(path)
@@ -680,8 +673,8 @@ def test_tutorial6_steering_generation(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # a local stand-in for "gpt2": layer 6 must exist; a larger init so that the happy-sad direction matters
-    path = _helpers().save_checkpoint(_helpers().tiny_gpt2(tokenizer, n_embd=64, n_layer=8, n_head=4,
-                                                           initializer_range=0.2), tokenizer, str(tmp_path / "gpt2"))
+    hf = tiny_gpt2(tokenizer, n_embd=64, n_layer=8, n_head=4, initializer_range=0.2)
+    path = save_checkpoint(hf, tokenizer, str(tmp_path / "gpt2"))
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.pad_token = tokenizer.eos_token

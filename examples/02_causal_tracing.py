@@ -1,0 +1,111 @@
+"""Tutorial 2: causal tracing (ROME-style), on an IOI prompt.
+
+    clean:  "Then, Mary and John went to the store. John gave a drink to"   -> P(" Mary")
+
+Corrupt the IO name's embedding with Gaussian noise (3 x the embedding std), then restore the clean residual
+stream (block_output) of one layer at one position: where restoring brings P(IO) back, that state carries the
+answer. The sweep runs once with the pyvene-style API and once with the one-call `causal_trace`, which agree
+cell for cell (they are given the same noise draws).
+
+    python examples/02_causal_tracing.py [--model ioi-gpt2] [--samples 10] [--out out/]
+"""
+
+import argparse
+import os
+
+import torch
+
+import hookvene as pv
+from hookvene.experiments.causal_tracing import causal_trace, embedding_noise_scale
+from hookvene.experiments.ioi import TEMPLATES, name_token
+
+
+def ioi_prompt(io: str, s: str, template: int = 0) -> str:
+    """An ABBA IOI prompt: "Then, [IO] and [S] went to the store. [S] gave a drink to"."""
+    t = TEMPLATES["ABBA"][template]
+    return t.replace("[A]", io).replace("[B]", s).replace("[PLACE]", "store").replace("[OBJECT]", "drink")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ioi-gpt2", help="bundled model name, local checkpoint dir, or 'gpt2'")
+    p.add_argument("--samples", type=int, default=10, help="noise draws averaged per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out", help="folder for the figure")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    _, tokenizer, model = pv.create_gpt2_lm(args.model)
+
+    # 1. The prompt, the corrupted "subject" (the IO name) and the traced answer
+    io, s = "Mary", "John"
+    clean_inputs = tokenizer(ioi_prompt(io, s), return_tensors="pt")
+    target = name_token(tokenizer, io)
+    ids = clean_inputs["input_ids"]
+    subject = [ids[0].tolist().index(target)]  # position(s) to corrupt
+    last = ids.shape[1] - 1
+    n, d_model, n_layers = args.samples, model.cfg.d_model, model.cfg.n_layers
+
+    # 2. Clean baseline
+    clean_prob = torch.softmax(model(**clean_inputs).logits[0, -1], dim=-1)[target].item()
+    print(f"Clean P({io}): {clean_prob:.4f}")
+
+    # The corruption. pyvene's NoiseIntervention draws fresh noise on each call (shown first); to compare cell by
+    # cell with `causal_trace` we hand the *same* draws to an AdditionIntervention as a constant source.
+    scale = embedding_noise_scale(model)  # 3 x std of the token embeddings
+    batch = {k: v.expand(n, -1) for k, v in clean_inputs.items()}  # one row per noise sample
+    noise_iv = pv.NoiseIntervention(noise_level=scale, seed=args.seed)
+    noiser = pv.IntervenableModel([pv.RepresentationConfig(0, "block_input", intervention=noise_iv)], model)
+    _, out = noiser(base=batch, unit_locations={"base": subject})
+    print(f"Corrupted P({io}), NoiseIntervention: {out.logits[:, -1].softmax(-1)[:, target].mean():.4f}")
+
+    generator = torch.Generator().manual_seed(args.seed)  # causal_trace's draws: (samples, subject tokens, d)
+    noise = torch.randn(n, len(subject), d_model, generator=generator) * scale
+
+    # 3. Sweep over layers: add the noise at the input, restore the clean block_output at (layer, position)
+    def restored_prob(layer: int, pos: int | None) -> float:
+        reps = [pv.RepresentationConfig(0, "block_input", intervention_type=pv.AdditionIntervention,
+                                        max_number_of_units=len(subject))]
+        locations = [[subject] * n]
+        if pos is not None:
+            reps.append(pv.RepresentationConfig(layer, "block_output", intervention_type=pv.VanillaIntervention))
+            locations.append([[pos]] * n)
+        intervenable = pv.IntervenableModel(pv.IntervenableConfig(representations=reps), model)
+        _, outputs = intervenable(
+            base=batch,
+            sources=[None, batch][: len(reps)],  # the noise needs no source run; restoring reads the clean run
+            source_representations=[noise, None][: len(reps)],
+            unit_locations={"sources->base": (locations, locations)},
+        )
+        return outputs.logits[:, -1].softmax(-1)[:, target].mean().item()
+
+    corrupted_prob = restored_prob(0, None)
+    print(f"Corrupted P({io}), same draws as causal_trace: {corrupted_prob:.4f}\n")
+    results = {}
+    for pos, where in ((subject[-1], "the IO name"), (last, "the last token")):
+        results[pos] = torch.tensor([restored_prob(layer, pos) for layer in range(n_layers)])
+        for layer, prob in enumerate(results[pos]):
+            print(f"Restore layer {layer} at {where} (pos {pos}): P({io}) = {prob:.4f}")
+
+    # 4. Critical layers (where restoring helps most), at the last token
+    critical = torch.argsort(results[last], descending=True)[: min(2, n_layers)].tolist()
+    print(f"\nMost critical layers at the last token: {critical}")
+
+    # The same grid, every layer x position, from the experiments toolkit in one call
+    trace = causal_trace(model, ids, subject, target, kind="resid", n_samples=n, seed=args.seed)
+    assert abs(trace.clean - clean_prob) < 1e-5 and abs(trace.corrupted - corrupted_prob) < 1e-5
+    for pos, probs in results.items():
+        torch.testing.assert_close(trace.values[:, pos], probs, atol=1e-5, rtol=1e-4)
+    print("pyvene-style loop and causal_trace agree")
+    print(trace.table())
+
+    os.makedirs(args.out, exist_ok=True)
+    tokens = [tokenizer.decode(t).strip() for t in ids[0]]
+    trace.cols = [f"{t}*" if i in subject else t for i, t in enumerate(tokens)]
+    path = os.path.join(args.out, "causal_tracing.png")
+    trace.plot(path, title=f"P({io}) with block_output restored (* = corrupted)", center=trace.corrupted,
+               cmap="Purples")
+    print(f"figure: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Tutorial 3: a trainable intervention (distributed alignment search, DAS), on IOI.
+
+Base and source prompts use the same two names but repeat a different one, so their answers (the IO name) swap:
+
+    base:   "Then, Mary and John went to the store. John gave a drink to"   -> " Mary"
+    source: "Then, Mary and John went to the store. Mary gave a drink to"   -> " John"
+
+We learn a 1-dimensional subspace of the residual stream (block_output) at the final position such that
+swapping just that direction from the source into the base makes the model answer the source's IO name.
+Interchange-intervention accuracy (IIA) on held-out pairs says how well one direction carries "which name".
+
+    python examples/03_das_training.py [--model ioi-gpt2] [--layer 2] [--steps 60] [--out out/]
+"""
+
+import argparse
+import os
+
+import torch
+
+import hookvene as pv
+from hookvene.experiments.ioi import corrupt, make_ioi_dataset, tokenize_ioi
+
+
+def pairs(n: int, seed: int, tokenizer) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+    """(base inputs, source inputs, base answer ids, counterfactual answer ids) for n pairs of one template."""
+    clean = make_ioi_dataset(n, seed=seed, templates=[0])  # one template: every prompt has the same length
+    base = tokenize_ioi(clean, tokenizer)
+    source = tokenize_ioi(corrupt(clean, "swap_io_s"), tokenizer)  # repeats IO instead of S: answer = base's S
+    keep = ("input_ids", "attention_mask")
+    return {k: base[k] for k in keep}, {k: source[k] for k in keep}, base["io_ids"], base["s_ids"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ioi-gpt2", help="bundled model name, local checkpoint dir, or 'gpt2'")
+    p.add_argument("--layer", type=int, default=None, help="block_output layer (default: the middle one)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--out", default="out", help="folder for the figure and the saved intervention")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    _, tokenizer, model = pv.create_gpt2_lm(args.model)
+    layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
+
+    # 1. Define the trainable intervention: a 1-d rotated subspace at one layer's block_output
+    config = pv.IntervenableConfig(representations=[
+        pv.RepresentationConfig(
+            layer=layer,
+            component="block_output",
+            intervention_type=pv.LowRankRotatedSpaceIntervention,
+            low_rank_dimension=1,  # learn one direction
+        )
+    ])
+    intervenable = pv.IntervenableModel(config, model)
+    intervenable.disable_model_gradients()  # train the rotation only (pyvene freezes the model at construction)
+
+    # 2. Optimizer over the intervention's parameters
+    optimizer = torch.optim.Adam(intervenable.get_trainable_parameters(), lr=args.lr)
+
+    # 3. Training and evaluation pairs (held-out seed)
+    train_base, train_source, _, train_target = pairs(args.steps * args.batch, seed=1, tokenizer=tokenizer)
+    test_base, test_source, test_answer, test_target = pairs(256, seed=2, tokenizer=tokenizer)
+    last = train_base["input_ids"].shape[1] - 1
+    at_last = {"sources->base": last}  # the final position, in source and base
+
+    def iia() -> float:
+        """Interchange-intervention accuracy: the intervened model prefers the source's answer to the base's."""
+        with torch.no_grad():
+            _, out = intervenable(base=test_base, sources=[test_source], unit_locations=at_last)
+        logits = out.logits[:, -1]
+        rows = torch.arange(len(logits))
+        return (logits[rows, test_target] > logits[rows, test_answer]).float().mean().item()
+
+    print(f"DAS at layer {layer} block_output, final position (pos {last}), 1 dimension")
+    print(f"IIA before training: {iia():.1%}")
+
+    # 4. Training loop: maximise P(counterfactual answer) under the intervention
+    losses = []
+    for step in range(args.steps):
+        rows = slice(step * args.batch, (step + 1) * args.batch)
+        base = {k: v[rows] for k, v in train_base.items()}
+        source = {k: v[rows] for k, v in train_source.items()}
+        optimizer.zero_grad()
+        _, outputs = intervenable(base=base, sources=[source], unit_locations=at_last)
+        logits = outputs.logits[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits, train_target[rows])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 20 == 0 or step == args.steps - 1:
+            prob = logits.detach().softmax(-1).gather(1, train_target[rows, None]).mean().item()
+            print(f"Step {step}: loss={loss.item():.4f}, P(counterfactual name)={prob:.4f}")
+    print(f"IIA after training: {iia():.1%}")
+
+    # 5. Analyze the learned rotation (pyvene's older dotted key works too)
+    rotation = intervenable.interventions[f"layer.{layer}.comp.block_output.unit.pos.nunit.1#0"][0]
+    w = rotation.rotate_layer.weight.detach()  # (d_model, 1), orthonormal column
+    print(f"Learned rotation shape: {tuple(w.shape)}, norm {w.norm():.4f}")
+
+    # Check: the intervention is  b + ((s - b) . w) w  at the final position, nothing elsewhere
+    hook = f"blocks.{layer}.hook_resid_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(**test_source, names_filter=[hook])
+
+        def swap_direction(x: torch.Tensor, hook) -> torch.Tensor:
+            x = x.clone()
+            x[:, last] += ((cache[hook.name][:, last] - x[:, last]) @ w) @ w.T
+            return x
+
+        by_hand = model.run_with_hooks(**test_base, fwd_hooks=[(hook, swap_direction)]).logits
+        _, out = intervenable(base=test_base, sources=[test_source], unit_locations=at_last)
+    torch.testing.assert_close(out.logits, by_hand, atol=1e-4, rtol=1e-4)
+    print("matches b + ((s - b) . w) w applied by hand")
+
+    # Save, reload, and get the same intervened outputs
+    os.makedirs(args.out, exist_ok=True)
+    save_dir = os.path.join(args.out, "das_intervention")
+    intervenable.save(save_dir)
+    reloaded = pv.IntervenableModel.load(save_dir, model)
+    with torch.no_grad():
+        _, again = reloaded(base=test_base, sources=[test_source], unit_locations=at_last)
+    torch.testing.assert_close(again.logits, out.logits)
+    print(f"saved and reloaded: {save_dir}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy of the counterfactual name")
+    ax.set_title(f"DAS, 1-d subspace at layer {layer}")
+    fig.tight_layout()
+    path = os.path.join(args.out, "das_training.png")
+    fig.savefig(path, dpi=100)
+    print(f"figure: {path}")
+
+
+if __name__ == "__main__":
+    main()

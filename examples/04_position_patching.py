@@ -89,7 +89,9 @@ def main() -> None:
     sweep = []
     for pos, tok in enumerate(tokens):
         _, outputs = intervenable(base=base_inputs, sources=[source_inputs], unit_locations={"sources->base": pos})
-        sweep.append(report(f"  pos {pos:>2} {tok!r}", outputs.logits))
+        last = outputs.logits[0, -1]
+        sweep.append(float(last[alice] - last[mary]))
+        print(f"  pos {pos:>2} {tok!r:<16} {sweep[-1]:+.3f}")
 
     # The toolkit's sweep: every layer x position in one batched call; row `layer` is the loop above
     result = activation_patch(model, source_inputs, base_inputs, logit_diff(alice, mary), kind="resid_post")

@@ -90,7 +90,7 @@ def generate(model: nn.Module, input_ids: Int[Tensor, "batch pos"], attention_ma
     _check_generative(model)
     around = around or (lambda step: nullcontext())
     enc_dec = _is_encoder_decoder(model)
-    new = _new_tokens(0 if enc_dec else input_ids.shape[1], max_new_tokens, max_length)
+    new = _new_tokens(1 if enc_dec else input_ids.shape[1], max_new_tokens, max_length)  # T5: counts the start
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx is not None and input_ids.shape[1] + new > n_ctx:
         raise ValueError(f"prompt ({input_ids.shape[1]}) + {new} new tokens exceeds the model's context of {n_ctx}")
@@ -149,6 +149,8 @@ def intervened_generate(iv: Any, base: Any, sources: Any = None, unit_locations:
     srcs = iv._sources(sources)
     given = iv._given(source_representations)
     prompt_plans = iv._plan(base, srcs, unit_locations, subspaces, given)
+    _check_when(iv, prompt_plans, input_ids.shape[1], unit_locations, intervene_on_prompt, intervene_on_generated,
+                generated_steps, kwargs)
     if srcs is not None:
         iv._run_sources(srcs, prompt_plans, list(range(iv.n_groups)))
     step_plans = None
@@ -174,3 +176,26 @@ def intervened_generate(iv: Any, base: Any, sources: Any = None, unit_locations:
     if any(isinstance(s.intervention, CollectIntervention) for s in iv.slots):
         return (original, flatten_collected(iv.slots, collected)), ids
     return original, ids
+
+
+def _check_when(iv: Any, plans: list, prompt_len: int, unit_locations: Any, on_prompt: bool, on_generated: bool,
+                steps: list[int] | None, kwargs: dict[str, Any]) -> None:
+    """Refuse settings under which an intervention would silently never apply."""
+    for slot, plan in zip(iv.slots, plans):
+        if plan.base_sel is not None and slot.rep.unit in ("pos", "h.pos"):
+            top = max((i for row in plan.base_sel.levels[-1] for i in row), default=0)
+            if top >= prompt_len:
+                raise ValueError(f"intervention {slot.key}: position {top} is past the {prompt_len}-token prompt; "
+                                 f"unit_locations name prompt positions")
+    if unit_locations is not None and not on_prompt and not on_generated:
+        raise ValueError("unit_locations name prompt positions, but intervene_on_prompt=False and "
+                         "intervene_on_generated=False: nothing would be intervened (to intervene on every new token "
+                         "instead, drop unit_locations or pass intervene_on_generated=True)")
+    if steps is not None:
+        if not on_generated:
+            raise ValueError("generated_steps needs intervene_on_generated=True")
+        n_new = kwargs.get("max_new_tokens") or (kwargs.get("max_length") or 0) - prompt_len
+        bad = [t for t in steps if not 0 <= t < max(n_new - 1, 0)]
+        if bad:
+            raise ValueError(f"generated_steps {bad} never happen: decode passes are numbered 0..{n_new - 2} "
+                             f"(pass k reads generated token k)")

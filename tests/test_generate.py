@@ -348,21 +348,25 @@ def test_generated_steps_restrict_decode_passes(model, on_prompt):
 
 @pytest.mark.parametrize("on_prompt", [True, False])
 def test_collect_during_generation(model, on_prompt):
-    """A CollectIntervention returns one tensor per pass it acts on: (b, prompt, d) for the prompt pass, then
-    (b, 1, d) per decode pass; the values are the activations the un-intervened generation computes."""
+    """A CollectIntervention collects on every pass it acts on: the whole prompt on the prompt pass, then the one
+    new position per decode pass. The list is pyvene's layout (one tensor per example per hook call, batch dim
+    dropped), so each pass gives `batch` tensors; stacked, a decode pass is (b, 1, d). The values are the
+    activations the un-intervened generation computes."""
     ids, mask = left_padded()
     iv = pv.IntervenableModel([{"layer": 1, "component": "mlp_output",
                                 "intervention_type": pv.CollectIntervention}], model)
     (original, acts), out = iv.generate({"input_ids": ids, "attention_mask": mask}, intervene_on_prompt=on_prompt,
                                         max_new_tokens=NEW)
     assert original is None
+    passes = [torch.stack(acts[i:i + 3]) for i in range(0, len(acts), 3)]  # batch 3: regroup per pass
     expected = ([(3, 7, D)] if on_prompt else []) + [(3, 1, D)] * (NEW - 1)
-    assert [tuple(a.shape) for a in acts] == expected
+    assert len(acts) == 3 * len(expected)
+    assert [tuple(a.shape) for a in passes] == expected
     recorded = []
     with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, h: recorded.append(x.clone()))]):
         plain = model.generate(ids, mask, max_new_tokens=NEW)
     assert torch.equal(out, plain)  # collecting changes nothing
-    for a, r in zip(acts, recorded if on_prompt else recorded[1:]):
+    for a, r in zip(passes, recorded if on_prompt else recorded[1:], strict=True):
         torch.testing.assert_close(a, r, atol=1e-6, rtol=0)
 
 
@@ -685,12 +689,13 @@ def test_tutorial6_steering_generation(tmp_path, tokenizer):
     config = pv.IntervenableConfig(representations=[
         pv.RepresentationConfig(layer=6, component="mlp_output", intervention_type=pv.CollectIntervention)])
     collector = pv.IntervenableModel(config, model)
-    # the tutorial writes `_, happy_acts = collector(...)` ("simplified"); with a Collect the return value is
-    # ((original, collected activations), output), as in pyvene
+    # the tutorial is "simplified": it writes `_, happy_acts = collector(...)` and `happy_acts[0].mean(dim=1)`.
+    # As in pyvene, a Collect returns ((original, collected activations), output), and the activations are one
+    # (pos, d) tensor per example, so the mean over positions is dim 0
     (_, happy_acts), _ = collector(base=happy_inputs)
     (_, sad_acts), _ = collector(base=sad_inputs)
-    assert happy_acts[0].shape == (1, happy_inputs["input_ids"].shape[1], 64)
-    steering_direction = happy_acts[0].mean(dim=1) - sad_acts[0].mean(dim=1)
+    assert happy_acts[0].shape == (happy_inputs["input_ids"].shape[1], 64)
+    steering_direction = happy_acts[0].mean(dim=0) - sad_acts[0].mean(dim=0)
 
     # 2. Config for steering during generation
     config = pv.IntervenableConfig(representations=[

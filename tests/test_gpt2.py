@@ -258,10 +258,7 @@ def test_every_hook_point_fires_with_its_documented_shape(small):
     assert len(model.hook_dict) == 4 + 2 * 15  # embed, pos_embed, ln_final, logits + 15 per block
     for name, t in cache.items():
         kind = name.rsplit(".", 1)[-1]
-        if kind == "hook_pos_embed":  # positions are shared across the batch
-            assert t.shape in ((1, p, d), (b, p, d)), name
-        else:
-            assert t.shape == shapes[kind], name
+        assert t.shape == (shapes[kind] if kind != "hook_pos_embed" else (b, p, d)), name
 
 
 def test_bad_input_raises(small):

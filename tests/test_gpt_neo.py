@@ -154,7 +154,7 @@ def test_every_hook_fires_with_documented_shapes(neo):
     batch, pos, d_head = 2, 9, D_MODEL // N_HEADS
     _, cache = neo.run_with_cache(ids(batch, pos))
     assert sorted(cache) == sorted(neo.hook_dict)  # every hook point fired
-    shapes = {"hook_embed": (batch, pos, D_MODEL), "hook_pos_embed": (1, pos, D_MODEL),
+    shapes = {"hook_embed": (batch, pos, D_MODEL), "hook_pos_embed": (batch, pos, D_MODEL),
               "ln_final.hook_normalized": (batch, pos, D_MODEL), "hook_logits": (batch, pos, VOCAB)}
     for i in range(3):
         b = f"blocks.{i}."

@@ -195,7 +195,7 @@ class GPTNeo(HookedModule):
         n_pos = inputs_embeds.shape[1]
         check_length(past + n_pos, self.cfg.n_ctx)  # also for inputs_embeds: the position table ends at n_ctx
         if position_ids is None:
-            position_ids = torch.arange(past, past + n_pos, device=inputs_embeds.device)[None]
+            position_ids = torch.arange(past, past + n_pos, device=inputs_embeds.device).expand(len(inputs_embeds), -1)
         embed = self.hook_embed(inputs_embeds)
         pos_embed = self.hook_pos_embed(self.pos_embed(position_ids))
         # One additive mask per distinct window (attention runs in float32, so the mask is float32 too).

@@ -1,0 +1,116 @@
+"""Tutorial 6: generation with interventions (activation steering), on IOI-style text.
+
+The steering direction is the difference of mean MLP outputs (one layer, averaged over positions) between IOI
+prompts that only use women's names and prompts that only use men's names. Adding it at every position of every
+generation step should push the model towards women's names. Generation runs through
+`IntervenableModel.generate`, with the unsteered continuation from the same sampling seed next to it.
+
+    python examples/06_steering_generation.py [--model ioi-gpt2] [--layer 1] [--alpha 4] [--out out/]
+"""
+
+import argparse
+import os
+
+import torch
+
+import hookvene as pv
+from hookvene.experiments.ioi import make_ioi_dataset, name_token, tokenize_ioi
+from hookvene.generate import generate
+
+WOMEN = ("Alice", "Amy", "Anna", "Emily", "Jane", "Jennifer", "Kate", "Laura", "Lisa", "Mary", "Rachel", "Sarah")
+MEN = ("Aaron", "Adam", "Andrew", "Arthur", "Brian", "Charles", "Daniel", "David", "Edward", "Eric", "Frank", "George")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ioi-gpt2", help="bundled model name, local checkpoint dir, or 'gpt2'")
+    p.add_argument("--layer", type=int, default=1, help="mlp_output layer to steer")
+    p.add_argument("--alpha", type=float, default=4.0, help="steering strength (multiple of the direction)")
+    p.add_argument("--prompt", default="Then, John and Michael went to the store. John gave a drink to")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out", help="folder for the figure")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    _, tokenizer, model = pv.create_gpt2_lm(args.model)
+
+    # 1. Get the steering direction (women's names vs men's names) from collected activations
+    config = pv.IntervenableConfig(representations=[
+        pv.RepresentationConfig(layer=args.layer, component="mlp_output", intervention_type=pv.CollectIntervention)
+    ])
+    collector = pv.IntervenableModel(config, model)
+
+    def mean_mlp_output(names: tuple[str, ...]) -> torch.Tensor:
+        batch = tokenize_ioi(make_ioi_dataset(32, seed=0, names=list(names)), tokenizer)
+        mask = batch["attention_mask"]
+        (_, acts), _ = collector(base={"input_ids": batch["input_ids"], "attention_mask": mask})
+        acts = torch.stack(acts)  # (batch, pos, d_model): pyvene's list holds one tensor per example
+        return (acts * mask[..., None]).sum((0, 1)) / mask.sum()  # mean over real tokens
+
+    steering_direction = mean_mlp_output(WOMEN) - mean_mlp_output(MEN)
+    print(f"steering direction at layer {args.layer} mlp_output: norm {steering_direction.norm():.3f}")
+
+    # 2. Config for steering during generation: add a constant vector (no source run)
+    config = pv.IntervenableConfig(representations=[
+        pv.RepresentationConfig(layer=args.layer, component="mlp_output", intervention_type=pv.AdditionIntervention)
+    ])
+    intervenable = pv.IntervenableModel(config, model)
+    steer = args.alpha * steering_direction
+
+    # 3. Generate with steering (every position of the prompt and of each new token), and without
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    n_prompt = inputs["input_ids"].shape[1]
+    new_tokens = min(args.new_tokens, model.cfg.n_ctx - n_prompt)
+    unsteered, steered = intervenable.generate(
+        inputs,
+        source_representations=steer,
+        output_original_output=True,  # also the unsteered continuation, with the same sampling seed
+        max_new_tokens=new_tokens,
+        do_sample=True,
+        temperature=0.7,
+        seed=args.seed,
+    )
+    print(f"prompt:    {args.prompt!r}")
+    print(f"unsteered: {tokenizer.decode(unsteered[0, n_prompt:])!r}")
+    print(f"steered:   {tokenizer.decode(steered[0, n_prompt:])!r}")
+
+    # Greedy decoding gives the same tokens as adding the vector with a plain hook on every forward pass
+    _, greedy = intervenable.generate(inputs, source_representations=steer, max_new_tokens=new_tokens)
+    hook = (f"blocks.{args.layer}.hook_mlp_out", lambda x, hook: x + steer)
+    with model.hooks(fwd_hooks=[hook]):
+        by_hand = generate(model, inputs["input_ids"], max_new_tokens=new_tokens)
+    assert torch.equal(greedy, by_hand)
+    print(f"greedy steered: {tokenizer.decode(greedy[0, n_prompt:])!r} (same as a hand-written hook)")
+
+    # 4. How much next-token probability goes to each set of names, as the strength grows
+    women = [name_token(tokenizer, n) for n in WOMEN]
+    men = [name_token(tokenizer, n) for n in MEN]
+    alphas = [0.0, args.alpha / 2, args.alpha, 2 * args.alpha]
+    mass = []
+    for alpha in alphas:
+        _, out = intervenable(base=inputs, source_representations=alpha * steering_direction)
+        probs = out.logits[0, -1].softmax(-1)
+        mass.append((probs[women].sum().item(), probs[men].sum().item()))
+        print(f"alpha {alpha:5.1f}: P(women's names) = {mass[-1][0]:.4f}  P(men's names) = {mass[-1][1]:.4f}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(alphas, [w for w, _ in mass], "o-", label="women's names")
+    ax.plot(alphas, [m for _, m in mass], "o-", label="men's names")
+    ax.set_xlabel("steering strength alpha")
+    ax.set_ylabel("next-token probability")
+    ax.set_title(f"Steering at layer {args.layer} mlp_output")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "steering.png")
+    fig.savefig(path, dpi=100)
+    print(f"figure: {path}")
+
+
+if __name__ == "__main__":
+    main()

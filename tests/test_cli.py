@@ -1,0 +1,237 @@
+"""The `hookvene` command: `info`, `ioi`, `trace`, `patch` on the bundled model and on a local checkpoint dir, and
+clear errors for bad inputs. Most tests call `hookvene.cli.main([...])` in-process; a few run `python -m hookvene`.
+
+Nothing here depends on the bundled model's exact numbers (it may be retrained).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_tokenizer, save_checkpoint, tiny_gpt2
+
+from hookvene.cli import main
+from hookvene.experiments.results import SweepResult
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+CLEAN = "Then, Mary and John went to the store. John gave a drink to"
+CORRUPTED = "Then, Alice and John went to the store. John gave a drink to"
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG
+
+
+def fails(argv: list[str], capsys) -> str:
+    """Run main(argv), expect a non-zero exit, return everything it said (exit message, stderr, stdout)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    code = e.value.code
+    assert code not in (0, None), f"expected a failure, got exit code {code!r}"
+    out = capsys.readouterr()
+    return f"{code if isinstance(code, str) else ''}\n{out.err}\n{out.out}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random 2-layer GPT-2 saved with a byte-level BPE tokenizer (tests/helpers.py)."""
+    tokenizer = make_tokenizer()
+    return save_checkpoint(tiny_gpt2(tokenizer), tokenizer, str(tmp_path_factory.mktemp("tiny_gpt2")))
+
+
+# -- info -------------------------------------------------------------------------------------------------------
+
+
+def test_info_lists_hooks_and_components(capsys):
+    main(["info", "ioi-gpt2"])
+    out = capsys.readouterr().out
+    assert "GPT2LM" in out and "hook points" in out
+    for hook in ("hook_embed", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_pattern", "blocks.0.hook_mlp_out",
+                 "hook_logits"):
+        assert hook in out, hook
+    assert "blocks.1." not in out  # layer 0 and globals only
+    for component, hook in (("block_output", "blocks.0.hook_resid_post"), ("attention_output", "blocks.0.hook_attn_out"),
+                            ("mlp_output", "blocks.0.hook_mlp_out"), ("head_attention_value_output", "attn.hook_z")):
+        line = next(x for x in out.splitlines() if x.split() and x.split()[0] == component)
+        assert hook in line, line
+
+
+def test_info_defaults_to_the_bundled_model(capsys):
+    main(["info"])
+    assert "GPT2LM" in capsys.readouterr().out
+
+
+# -- ioi --------------------------------------------------------------------------------------------------------
+
+
+def test_ioi_writes_figures_and_results(tmp_path, capsys):
+    main(["ioi", "--n", "16", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "IOI on 16 prompts" in out
+    assert "clean logit diff" in out and "corrupted (ABC) logit diff" in out
+    head_rows = [line for line in out.splitlines() if line.strip().startswith("L") and "H" in line.split()[0]]
+    assert len(head_rows) == 5  # --top-k default
+    assert is_png(tmp_path / "ioi_heads.png") and is_png(tmp_path / "ioi_resid.png")
+    html = (tmp_path / "ioi_attention.html").read_text()
+    assert html.startswith("<!doctype html>") and "<table>" in html
+    heads = SweepResult.load(str(tmp_path / "ioi_heads.pt"))
+    assert heads.kind == "heads" and heads.values.shape == (4, 4)  # ioi-gpt2: 4 layers x 4 heads
+    assert torch.isfinite(heads.values).all()
+    for name in ("ioi_heads.png", "ioi_resid.png", "ioi_attention.html", "ioi_heads.pt"):
+        assert str(tmp_path / name) in out  # the summary says where each file went
+
+
+def test_ioi_top_k(tmp_path, capsys):
+    main(["ioi", "--n", "4", "--top-k", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "IOI on 4 prompts" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith("L") and "H" in line.split()[0]]) == 2
+
+
+# -- trace and patch on the bundled model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["resid", "mlp", "attn"])
+def test_trace_on_an_ioi_prompt(kind, tmp_path, capsys):
+    main(["trace", "--prompt", CLEAN, "--subject", "Mary", "--target", " Mary", "--kind", kind, "--samples", "2",
+          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"causal_trace:{kind} (prob)" in out
+    assert is_png(tmp_path / f"trace_{kind}.png")
+    assert f"figure: {tmp_path / f'trace_{kind}.png'}" in out
+
+
+@pytest.mark.parametrize("kind", ["heads", "resid_pre", "mlp_layer"])
+def test_patch_on_ioi_prompts(kind, tmp_path, capsys):
+    main(["patch", "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " Alice",
+          "--kind", kind, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"{kind} (logit_diff)" in out and "clean" in out and "corrupted" in out
+    assert is_png(tmp_path / f"patch_{kind}.png")
+
+
+def test_patch_labels_positions_with_tokens(tmp_path, capsys):
+    main(["patch", "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " Alice",
+          "--kind", "resid_pre", "--out", str(tmp_path)])
+    table = capsys.readouterr().out.split("figure:")[0]
+    assert "position" in table and any(f"{i}:" in table for i in range(16))
+
+
+# -- a local checkpoint directory --------------------------------------------------------------------------------
+
+
+def test_local_checkpoint_dir(tiny_dir, tmp_path, capsys):
+    main(["info", tiny_dir])
+    assert "GPT2LM" in capsys.readouterr().out
+    main(["trace", "--model", tiny_dir, "--prompt", "The Colosseum is in the city of", "--subject", "The Colosseum",
+          "--target", " Rome", "--samples", "2", "--out", str(tmp_path)])
+    assert "causal_trace:resid" in capsys.readouterr().out
+    assert is_png(tmp_path / "trace_resid.png")
+    main(["patch", "--model", tiny_dir, "--clean", "The capital of Spain is", "--corrupted",
+          "The capital of Italy is", "--answer", " Madrid", "--wrong", " Rome", "--kind", "resid_pre",
+          "--out", str(tmp_path)])
+    assert "resid_pre (logit_diff)" in capsys.readouterr().out
+    assert is_png(tmp_path / "patch_resid_pre.png")
+
+
+def test_ioi_on_a_checkpoint_whose_tokenizer_splits_names(tiny_dir, tmp_path, capsys):
+    said = fails(["ioi", "--model", tiny_dir, "--n", "4", "--out", str(tmp_path)], capsys)
+    assert "not a single known token" in said
+
+
+@pytest.mark.xfail(reason="transformers 5 AutoTokenizer builds an empty tokenizer for a dir without tokenizer files, "
+                          "so loading.load_tokenizer never returns None (see report)", strict=False)
+def test_checkpoint_without_a_tokenizer(tmp_path, capsys):
+    path = save_checkpoint(tiny_gpt2(None), None, str(tmp_path / "no_tokenizer"))
+    said = fails(["trace", "--model", path, "--prompt", "a b", "--subject", "a", "--target", " b",
+                  "--out", str(tmp_path)], capsys)
+    assert "no tokenizer" in said
+
+
+# -- bad inputs --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["info", "trace", "patch", "ioi"])
+def test_unknown_model_offline_points_to_a_local_directory(command, tmp_path, capsys):
+    name = str(tmp_path / "no-such-model")  # not a directory, not bundled, not a valid hub name
+    args = {"info": [name],
+            "trace": ["--model", name, "--prompt", CLEAN, "--subject", "Mary", "--target", " Mary"],
+            "patch": ["--model", name, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary",
+                      "--wrong", " Alice"],
+            "ioi": ["--model", name]}[command]
+    said = fails([command, *args, *([] if command == "info" else ["--out", str(tmp_path)])], capsys)
+    assert "local checkpoint directory" in said
+    assert "ioi-gpt2" in said  # and names the bundled models
+
+
+def test_subject_not_in_prompt(tmp_path, capsys):
+    said = fails(["trace", "--prompt", CLEAN, "--subject", "Alice", "--target", " Mary", "--out", str(tmp_path)],
+                 capsys)
+    assert "'Alice' does not occur in the prompt" in said
+    assert not (tmp_path / "trace_resid.png").exists()
+
+
+@pytest.mark.parametrize("command", ["trace", "patch"])
+def test_multi_token_answer(command, tmp_path, capsys):
+    if command == "trace":
+        argv = ["trace", "--prompt", CLEAN, "--subject", "Mary", "--target", " Mary Mary"]
+    else:
+        argv = ["patch", "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " Alice Mary"]
+    said = fails([*argv, "--out", str(tmp_path)], capsys)
+    assert "is 2 tokens" in said and "single-token" in said
+
+
+def test_multi_token_answer_with_a_bpe_tokenizer(tiny_dir, tmp_path, capsys):
+    said = fails(["trace", "--model", tiny_dir, "--prompt", "The Colosseum is in the city of", "--subject",
+                  "Colosseum", "--target", " Aaron", "--out", str(tmp_path)], capsys)
+    assert "' Aaron' is" in said and "tokens" in said
+
+
+@pytest.mark.xfail(reason="cli._single_token accepts a word the word-level tokenizer maps to <unk> (see report)",
+                   strict=False)
+def test_answer_outside_the_vocabulary(tmp_path, capsys):
+    said = fails(["trace", "--prompt", CLEAN, "--subject", "Mary", "--target", " Colosseum", "--samples", "2",
+                  "--out", str(tmp_path)], capsys)
+    assert "Colosseum" in said
+
+
+def test_patch_prompts_of_different_lengths(tmp_path, capsys):
+    said = fails(["patch", "--clean", CLEAN, "--corrupted", "Then, Alice and John went to the store.", "--answer",
+                  " Mary", "--wrong", " Alice", "--out", str(tmp_path)], capsys)
+    assert "same shape" in said
+
+
+def test_argument_errors(capsys):
+    assert "required" in fails(["trace", "--prompt", CLEAN], capsys)
+    assert "invalid choice" in fails(["patch", "--clean", CLEAN, "--corrupted", CLEAN, "--answer", " Mary",
+                                      "--wrong", " John", "--kind", "nope"], capsys)
+    assert "invalid choice" in fails(["frobnicate"], capsys)
+
+
+# -- real subprocesses: `python -m hookvene` ---------------------------------------------------------------------
+
+
+def run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, "-m", "hookvene", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_python_m_hookvene_patch(tmp_path):
+    proc = run_module("patch", "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong",
+                      " Alice", "--out", str(tmp_path / "figs"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heads (logit_diff)" in proc.stdout
+    assert is_png(tmp_path / "figs" / "patch_heads.png")
+
+
+def test_python_m_hookvene_reports_bad_input_on_stderr(tmp_path):
+    proc = run_module("trace", "--prompt", CLEAN, "--subject", "Rome", "--target", " Mary", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "does not occur in the prompt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written for a bad call

@@ -61,25 +61,29 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)  # causal_trace's draws: (samples, subject tokens, d)
     noise = torch.randn(n, len(subject), d_model, generator=generator) * scale
 
+    noise_rep = pv.RepresentationConfig(0, "block_input", intervention_type=pv.AdditionIntervention,
+                                        max_number_of_units=len(subject))
+    adder = pv.IntervenableModel([noise_rep], model)
+    _, out = adder(base=batch, source_representations=noise, unit_locations={"base": subject})
+    corrupted_prob = out.logits[:, -1].softmax(-1)[:, target].mean().item()
+    print(f"Corrupted P({io}), same draws as causal_trace: {corrupted_prob:.4f}\n")
+
     # 3. Sweep over layers: add the noise at the input, restore the clean block_output at (layer, position)
-    def restored_prob(layer: int, pos: int | None) -> float:
-        reps = [pv.RepresentationConfig(0, "block_input", intervention_type=pv.AdditionIntervention,
-                                        max_number_of_units=len(subject))]
-        locations = [[subject] * n]
-        if pos is not None:
-            reps.append(pv.RepresentationConfig(layer, "block_output", intervention_type=pv.VanillaIntervention))
-            locations.append([[pos]] * n)
-        intervenable = pv.IntervenableModel(pv.IntervenableConfig(representations=reps), model)
+    def restored_prob(layer: int, pos: int) -> float:
+        config = pv.IntervenableConfig(representations=[
+            noise_rep,  # corrupt the subject ...
+            pv.RepresentationConfig(layer, "block_output", intervention_type=pv.VanillaIntervention),  # ... restore
+        ])
+        intervenable = pv.IntervenableModel(config, model)
+        locations = [[subject] * n, [[pos]] * n]  # per intervention, per example: the positions
         _, outputs = intervenable(
             base=batch,
-            sources=[None, batch][: len(reps)],  # the noise needs no source run; restoring reads the clean run
-            source_representations=[noise, None][: len(reps)],
+            sources=[None, batch],  # the noise reads no source run; restoring reads the clean run
+            source_representations=[noise, None],
             unit_locations={"sources->base": (locations, locations)},
         )
         return outputs.logits[:, -1].softmax(-1)[:, target].mean().item()
 
-    corrupted_prob = restored_prob(0, None)
-    print(f"Corrupted P({io}), same draws as causal_trace: {corrupted_prob:.4f}\n")
     results = {}
     for pos, where in ((subject[-1], "the IO name"), (last, "the last token")):
         results[pos] = torch.tensor([restored_prob(layer, pos) for layer in range(n_layers)])

@@ -37,8 +37,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; for the small bundled model one is fastest (and far faster on busy cores)")
     p.add_argument("--out", default="out", help="folder for the figure and the saved intervention")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     _, tokenizer, model = pv.create_gpt2_lm(args.model)
     layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
@@ -60,7 +63,7 @@ def main() -> None:
 
     # 3. Training and evaluation pairs (held-out seed)
     train_base, train_source, _, train_target = pairs(args.steps * args.batch, seed=1, tokenizer=tokenizer)
-    test_base, test_source, test_answer, test_target = pairs(256, seed=2, tokenizer=tokenizer)
+    test_base, test_source, test_answer, test_target = pairs(128, seed=2, tokenizer=tokenizer)
     last = train_base["input_ids"].shape[1] - 1
     at_last = {"sources->base": last}  # the final position, in source and base
 
@@ -99,16 +102,16 @@ def main() -> None:
     print(f"Learned rotation shape: {tuple(w.shape)}, norm {w.norm():.4f}")
 
     # Check: the intervention is  b + ((s - b) . w) w  at the final position, nothing elsewhere
-    hook = f"blocks.{layer}.hook_resid_post"
+    name = f"blocks.{layer}.hook_resid_post"  # the hook behind block_output
     with torch.no_grad():
-        _, cache = model.run_with_cache(**test_source, names_filter=[hook])
+        _, cache = model.run_with_cache(**test_source, names_filter=[name])
 
         def swap_direction(x: torch.Tensor, hook) -> torch.Tensor:
             x = x.clone()
-            x[:, last] += ((cache[hook.name][:, last] - x[:, last]) @ w) @ w.T
+            x[:, last] += ((cache[name][:, last] - x[:, last]) @ w) @ w.T
             return x
 
-        by_hand = model.run_with_hooks(**test_base, fwd_hooks=[(hook, swap_direction)]).logits
+        by_hand = model.run_with_hooks(**test_base, fwd_hooks=[(name, swap_direction)]).logits
         _, out = intervenable(base=test_base, sources=[test_source], unit_locations=at_last)
     torch.testing.assert_close(out.logits, by_hand, atol=1e-4, rtol=1e-4)
     print("matches b + ((s - b) . w) w applied by hand")

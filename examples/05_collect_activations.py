@@ -54,10 +54,10 @@ def main() -> None:
 
     # They are exactly the hook points' values, and the run itself was not changed
     names = [f"blocks.{early}.hook_resid_post", f"blocks.{late}.hook_attn_out"]
-    logits, cache = model.run_with_cache(**inputs, names_filter=names)
+    reference, cache = model.run_with_cache(**inputs, names_filter=names)
     torch.testing.assert_close(block_output, cache[names[0]])
     torch.testing.assert_close(attention_output, cache[names[1]])
-    torch.testing.assert_close(outputs.logits, logits.logits)
+    torch.testing.assert_close(outputs.logits, reference.logits)
     print("equal to run_with_cache; outputs unchanged")
 
     # 4. Only some positions: each prompt's IO name (positions differ between templates), via return_dict
@@ -69,11 +69,11 @@ def main() -> None:
     torch.testing.assert_close(io_block[:, 0], cache[names[0]][rows, batch["io_pos"]])
     print(f"at the IO name only: {tuple(io_block.shape)} and {tuple(io_attn.shape)}")
 
-    # How similar are the IO-name states of different prompts (same name -> similar vectors)?
+    # How similar are the IO-name states of different prompts? (ABBA prompts name IO first, BABA second)
     v = torch.nn.functional.normalize(io_block[:, 0], dim=-1)
     sim = v @ v.T
     print("cosine similarity of the IO-name states, prompt 0 vs others: "
-          + " ".join(f"{dataset[i].io}:{float(sim[0, i]):.2f}" for i in range(args.n)))
+          + " ".join(f"{e.io}/{e.order}:{float(sim[0, i]):.2f}" for i, e in enumerate(dataset)))
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "activations.pt")

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import random
 import re
 import sys
 import time
@@ -42,6 +44,7 @@ from hookvene.experiments.ioi import (  # noqa: E402
     OBJECTS,
     PLACES,
     TEMPLATES,
+    TRAIN_TEMPLATE_IDS,
     IOIDataset,
     corrupt,
     logit_diff,
@@ -87,18 +90,34 @@ def build_tokenizer(n_positions: int) -> PreTrainedTokenizerFast:
     )
 
 
-def encode_sentences(dataset: IOIDataset, tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.Tensor]:
-    """Right-padded ids of "<bos> prompt IO." and the index at which IO is predicted (for the report)."""
-    enc = tokenizer(dataset.texts(), padding=True, return_tensors="pt")
-    lengths = enc["attention_mask"].sum(1)
-    # ... "to" " IO" "." : the IO token is at length - 2, so it is predicted from position length - 3.
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "answer_pos": lengths - 3}
+def _closing_start(template: str) -> int:
+    """Index of the second subject mention ("[B]" twice in both orders), where the closing clause starts."""
+    return template.index("[B]", template.index("[B]") + 1)
+
+
+def training_sentences(n: int, seed: int) -> list[str]:
+    """``n`` sentences "prompt IO." from the training templates and name pairs only.
+
+    Every other sentence recombines its template's opening (up to the second subject mention) with the
+    closing of another training template, e.g. "When [B] and [A] got a [OBJECT] at the [PLACE]," + "[B] gave
+    a [OBJECT] to".  Without this the model learns to guess the closing from the opening word: trained on
+    the fixed templates only, it answered " give" (as in "decided to give") rather than the name on held-out
+    frames, although it still ranked IO above S.  Held-out openings stay unseen either way.
+    """
+    clean = make_ioi_dataset(n, seed=seed, templates="train", names="train")
+    rng = random.Random(f"{seed}/recombine")
+    texts = clean.texts()
+    for i in range(1, n, 2) if os.environ.get("RECOMB", "1") == "1" else ():
+        e = clean[i]
+        template, other = TEMPLATES[e.order][e.template], TEMPLATES[e.order][rng.choice(TRAIN_TEMPLATE_IDS)]
+        frame = template[: _closing_start(template)] + other[_closing_start(other) :]
+        filled = frame.replace("[A]", e.io).replace("[B]", e.s).replace("[PLACE]", e.place)
+        texts[i] = filled.replace("[OBJECT]", e.obj) + e.completion + "."
+    return texts
 
 
 @torch.no_grad()
-def evaluate(
-    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, dataset: IOIDataset
-) -> dict[str, float]:
+def evaluate(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, dataset: IOIDataset) -> dict[str, float]:
     """Accuracy (IO logit > S logit), top-1 accuracy and mean logit difference on prompts."""
     model.eval()
     batch = tokenize_ioi(dataset, tokenizer)
@@ -122,12 +141,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads; 1 keeps the result independent of the machine"
+    )
     parser.add_argument("--eval-n", type=int, default=2000)
     parser.add_argument("--eval-every", type=int, default=250)
     args = parser.parse_args()
 
     t0 = time.perf_counter()
+    # Two warnings are expected and harmless here: no attention mask during training (see the loop) and
+    # GPT-2's config carrying loss_type=None.  Errors still show.
+    transformers.logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -158,13 +182,11 @@ def main() -> None:
     # One fresh sentence per (step, row): training never repeats an example, so the model cannot get by on
     # memorising (name pair, template) combinations.
     n_train = args.steps * args.batch_size
-    train = encode_sentences(
-        make_ioi_dataset(n_train, seed=args.seed, templates="train", names="train"), tokenizer
-    )
+    train = tokenizer(training_sentences(n_train, args.seed), padding=True, return_tensors="pt")
     if train["input_ids"].shape[1] > n_positions:
-        raise RuntimeError(
-            f"sentences of {train['input_ids'].shape[1]} tokens exceed n_positions={n_positions}"
-        )
+        raise RuntimeError(f"sentences of {train['input_ids'].shape[1]} tokens exceed n_positions={n_positions}")
+    if (train["input_ids"] == tokenizer.unk_token_id).any():
+        raise RuntimeError("a training sentence contains a word outside the vocabulary")
     labels = train["input_ids"].masked_fill(train["attention_mask"] == 0, -100)
 
     heldout = make_ioi_dataset(args.eval_n, seed=EVAL_SEED, templates="heldout", names="heldout")

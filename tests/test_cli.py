@@ -54,8 +54,10 @@ def test_info_lists_hooks_and_components(capsys):
                  "hook_logits"):
         assert hook in out, hook
     assert "blocks.1." not in out  # layer 0 and globals only
-    for component, hook in (("block_output", "blocks.0.hook_resid_post"), ("attention_output", "blocks.0.hook_attn_out"),
-                            ("mlp_output", "blocks.0.hook_mlp_out"), ("head_attention_value_output", "attn.hook_z")):
+    for component, hook in (("block_output", "blocks.0.hook_resid_post"),
+                            ("attention_output", "blocks.0.hook_attn_out"),
+                            ("mlp_output", "blocks.0.hook_mlp_out"),
+                            ("head_attention_value_output", "attn.hook_z")):
         line = next(x for x in out.splitlines() if x.split() and x.split()[0] == component)
         assert hook in line, line
 

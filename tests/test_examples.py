@@ -81,12 +81,14 @@ def random_ioi_checkpoint(tmp_path_factory):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "hookvene" / "zoo" / "ioi-gpt2")
-    model = tiny_gpt2(tokenizer, n_positions=32, n_embd=64, n_layer=3, n_head=4)
+    # larger initial weights than GPT-2's 0.02: patching effects big enough for the agreement checks to bite
+    model = tiny_gpt2(tokenizer, n_positions=32, n_embd=64, n_layer=3, n_head=4, initializer_range=0.1)
     return save_checkpoint(model, tokenizer, str(tmp_path_factory.mktemp("random_ioi")))
 
 
 @pytest.mark.parametrize("script, extra", [("01_activation_patching.py", []),
-                                           ("02_causal_tracing.py", ["--samples", "3"])])
+                                           ("02_causal_tracing.py", ["--samples", "3"]),
+                                           ("04_position_patching.py", ["--layer", "2"])])
 def test_example_with_a_local_checkpoint_dir(script, extra, random_ioi_checkpoint, tmp_path):
     proc = run_example(script, "--model", random_ioi_checkpoint, "--out", str(tmp_path), *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

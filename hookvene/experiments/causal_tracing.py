@@ -53,6 +53,8 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     bad = [p for p in subject if not 0 <= p < n_pos]
     if not subject or bad:
         raise ValueError(f"subject positions {subject} must be non-empty and within the prompt's {n_pos} tokens")
+    if not 0 <= target < model.cfg.d_vocab:
+        raise ValueError(f"target token {target} is outside the vocabulary [0, {model.cfg.d_vocab})")
     window = window or (1 if kind == "resid" else 10)
     scale = embedding_noise_scale(model) if noise_scale is None else noise_scale
     gen = torch.Generator().manual_seed(seed)

@@ -41,6 +41,9 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     senders = list(senders) if senders is not None else [(lay, h) for lay in range(n_layers) for h in range(n_heads)]
+    bad = [s for s in senders if not (0 <= s[0] < n_layers and 0 <= s[1] < n_heads)]
+    if bad:
+        raise ValueError(f"sender heads {bad} out of range: the model has {n_layers} layers x {n_heads} heads")
     direct = receivers == "logits"
     outs = [f"blocks.{layer}.hook_{k}_out" for layer in range(n_layers) for k in ("attn", "mlp")]
     zs = [Z.format(layer=layer) for layer in range(n_layers)]
@@ -59,9 +62,14 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
                  for lay, h in senders]
     else:
         receivers = list(receivers)
-        bad = [r for r, _ in receivers if r not in model.hook_dict]
+        per_head = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
+        bad = [r for r, _ in receivers if r not in model.hook_dict or not r.endswith(per_head)]
         if bad:
-            raise ValueError(f"unknown receiver hooks {bad}; e.g. ('blocks.9.attn.hook_q', head)")
+            raise ValueError(f"receivers must be per-head hooks (attn.hook_q/k/v/z) of this model, e.g. "
+                             f"('blocks.2.attn.hook_q', head); got {bad}")
+        bad_heads = [(r, h) for r, h in receivers if not 0 <= h < n_heads]
+        if bad_heads:
+            raise ValueError(f"receiver heads {bad_heads} out of range: the model has {n_heads} heads")
         cells = [[sender_patch(lay, h)] + [Patch(Z.format(layer=j), (None, k, None)) for j in range(n_layers)
                                            for k in range(n_heads) if (j, k) != (lay, h)] for lay, h in senders]
     values = torch.empty(len(senders))

@@ -30,7 +30,9 @@ class SweepResult:
     def top(self, k: int = 5, largest: bool = True) -> list[tuple[str, str, float]]:
         """The k cells with the largest (or smallest) effect relative to the corrupted baseline."""
         effect = (self.values - self.corrupted).flatten()
-        idx = torch.topk(effect if largest else -effect, min(k, effect.numel())).indices.tolist()
+        computed = torch.isfinite(effect)  # path_patch over a subset of senders leaves the other cells NaN
+        ranked = torch.where(computed, effect if largest else -effect, float("-inf"))
+        idx = torch.topk(ranked, min(k, int(computed.sum()))).indices.tolist()
         n_cols = self.values.shape[1]
         return [(self.rows[i // n_cols], self.cols[i % n_cols], float(self.values.flatten()[i])) for i in idx]
 

@@ -42,6 +42,8 @@ def _positions(tokenizer: Any, prompt: str, fragment: str) -> list[int]:
 
 def _single_token(tokenizer: Any, text: str) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1 and ids[0] == getattr(tokenizer, "unk_token_id", None):
+        raise SystemExit(f"{text!r} is not in this tokenizer's vocabulary (it encodes to the unknown token)")
     if len(ids) != 1:
         raise SystemExit(f"{text!r} is {len(ids)} tokens for this tokenizer; pass a single-token answer "
                          f"(with its leading space, e.g. ' Paris')")
@@ -119,6 +121,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="hookvene", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest for small models on "
+                   "a busy machine; default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -157,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     sp.set_defaults(fn=cmd_info)
 
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         args.fn(args)
+    except BrokenPipeError:  # `hookvene info | head`
+        sys.stderr.close()
     except (ValueError, OSError) as e:
         print(f"hookvene {args.command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None

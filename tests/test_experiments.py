@@ -92,7 +92,7 @@ def cell_by_cell(model, kind, clean, corrupted, metric):
             [{"layer": layer, "component": comp.format(l=layer), "unit": unit,
               "intervention_type": pv.VanillaIntervention}], model=model)
 
-        def run(loc):
+        def run(loc, pv_model=pv_model):
             _, out = pv_model(base=corrupted, sources=[clean], unit_locations=loc)
             return mean_metric(metric, out.logits)
 
@@ -478,7 +478,7 @@ BAD_INPUTS = {
     "empty subject": lambda m, ct: causal_trace(ct, CT_PROMPT, [], CT_TARGET),
     "unknown receiver hook": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,
                                                       receivers=[("blocks.9.attn.hook_q", 0)]),
-    # the five below fail today (IndexError / KeyError / RuntimeError deep inside the sweep): see the report
+    # the five below used to fail deep inside the sweep (IndexError / KeyError / RuntimeError), not up front
     "receiver hook without heads": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,
                                                             receivers=[("blocks.1.hook_resid_pre", 0)]),
     "receiver head out of range": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,

@@ -86,4 +86,4 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     return SweepResult(values[1:].view(n_layers, n_pos), f"causal_trace:{kind}", "prob", "layer", "position",
                        [str(x) for x in range(n_layers)], [str(p) for p in range(n_pos)], clean, float(values[0]),
                        extra={"subject": list(subject), "window": window, "noise_scale": scale,
-                              "n_samples": n_samples, "target": int(target)})
+                              "n_samples": n_samples, "target": int(target), "noise": noise.cpu()})

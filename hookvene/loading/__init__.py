@@ -108,6 +108,9 @@ def load_tokenizer(path: str) -> Any:
     """The tokenizer saved next to a checkpoint, or None when the directory has none."""
     from transformers import AutoTokenizer
 
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in files):
+        return None  # transformers 5 would hand back an empty tokenizer instead of failing
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):

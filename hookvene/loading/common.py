@@ -8,12 +8,29 @@ used or explicitly dropped, every model tensor must be provided, and shapes must
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+@contextmanager
+def empty_model() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers: the weights are about to be
+    replaced, and torch's init functions on meta tensors are slow (they import torch._dynamo)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "orthogonal_", "zeros_", "ones_", "xavier_uniform_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda t, *a, _orig=saved[n], **k: t if t.is_meta else _orig(t, *a, **k))
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
 
 
 def same(t: Tensor) -> Tensor:

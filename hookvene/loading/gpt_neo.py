@@ -6,10 +6,9 @@ Every weight is an `nn.Linear` (out, in) on both sides, so every rule is a renam
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from hookvene.loading.common import Rule, check_config, convert_state_dict
+from hookvene.loading.common import Rule, check_config, convert_state_dict, empty_model
 from hookvene.models._common import ACTIVATIONS
 from hookvene.models.gpt_neo import GPTNeo, GPTNeoConfig, GPTNeoLM
 
@@ -73,7 +72,7 @@ def convert(hf: dict[str, Any], state: dict[str, Tensor], lm_head: bool,
             what: str) -> tuple[GPTNeo, dict[str, Tensor]]:
     """An empty (meta) hookvene model and the converted state dict for it."""
     cfg = config_from_hf(hf)
-    with torch.device("meta"):
+    with empty_model():
         model = GPTNeoLM(cfg) if lm_head else GPTNeo(cfg)
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     rules = list(RULES)

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hookvene.loading.common import CheckpointError, Rule, convert_state_dict, load_into, read_checkpoint_dir
+from hookvene.loading.common import (
+    CheckpointError,
+    Rule,
+    convert_state_dict,
+    empty_model,
+    load_into,
+    read_checkpoint_dir,
+)
 from hookvene.models.gru import GRU, GRULM, GRUClassifier, GRUConfig
 
 RULES = [
@@ -56,7 +63,7 @@ def from_torch_gru(gru: nn.GRU | dict[str, Tensor], dtype: torch.dtype | None = 
     pdrop = gru.dropout if isinstance(gru, nn.GRU) else 0.0
     cfg = GRUConfig(n_layer=n_layer, h_dim=d_hidden, d_in=d_in, include_bias="bias_ih_l0" in state,
                     pdrop=pdrop)
-    with torch.device("meta"):
+    with empty_model():
         model = GRU(cfg)
     return load_into(model, convert_state_dict(RULES, state, model, what), dtype).eval()
 
@@ -94,7 +101,7 @@ def load_gru(path: str, dtype: torch.dtype | None = None, device: str | torch.de
         cfg = GRUConfig.from_dict(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json: {e}") from None
-    with torch.device("meta"):
+    with empty_model():
         model = CLASSES[archs[0]](cfg)
     rules = [Rule(k, k) for k in model.state_dict()]
     model = load_into(model, convert_state_dict(rules, state, model, f"checkpoint {path!r}"), dtype).eval()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hookvene.loading.common import Rule, check_config, convert_state_dict
+from hookvene.loading.common import Rule, check_config, convert_state_dict, empty_model
 from hookvene.models.t5 import T5, T5LM, T5Config
 
 RULES = [
@@ -95,7 +95,7 @@ def convert(hf: dict[str, Any], state: dict[str, Tensor], lm_head: bool,
     head, shared = state.get("lm_head.weight"), state.get("shared.weight")
     if head is not None and shared is not None and _distinct(head, shared):
         cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
-    with torch.device("meta"):
+    with empty_model():
         model = T5LM(cfg) if lm_head else T5(cfg)
     rules = list(RULES)
     tied = {}

@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads; 1 keeps the result independent of the machine"
     )
@@ -192,7 +193,7 @@ def main() -> None:
     heldout = make_ioi_dataset(args.eval_n, seed=EVAL_SEED, templates="heldout", names="heldout")
     train_eval = make_ioi_dataset(args.eval_n, seed=EVAL_SEED, templates="train", names="train")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
     warmup = max(1, args.steps // 20)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10%
@@ -249,6 +250,7 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "weight_decay": args.weight_decay,
         "threads": args.threads,
         "train_examples": n_train,
         "wall_time_s": round(train_time, 1),

@@ -69,9 +69,14 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
         return [("hook_embed", add_noise)]
 
     hooks = [STATES[kind].format(layer=layer) for layer in range(n_layers)]
+    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    batch = {k: v.expand(n_samples, *v.shape[1:]) for k, v in inputs.items()}
     with torch.no_grad():
         out, cache = model.run_with_cache(**inputs, names_filter=hooks)
+        with model.hooks(fwd_hooks=corrupt(torch.arange(n_samples, device=ids.device), None)):
+            _, noised = model.run_with_cache(**batch, names_filter=resid)
     stored = {h: cache[h].expand(n_samples, *cache[h].shape[1:]) for h in hooks}
+    resume = {layer: noised[h] for layer, h in enumerate(resid)}  # cells restart at their first restored layer
     metric = prob(target)
     clean = float(metric(out.logits, torch.zeros(1, dtype=torch.long)).mean())
 
@@ -80,9 +85,8 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
 
     cells = [[]] + [[Patch(STATES[kind].format(layer=j), (p, None)) for j in layers_for(layer)]
                     for layer in range(n_layers) for p in range(n_pos)]
-    batch = {k: v.expand(n_samples, *v.shape[1:]) for k, v in inputs.items()}
     values = run_cells(model, batch, cells, stored, metric, batch_size, row_hooks=corrupt,
-                       progress=progress and f"causal trace ({kind})").cpu()
+                       progress=progress and f"causal trace ({kind})", resume=resume).cpu()
     return SweepResult(values[1:].view(n_layers, n_pos), f"causal_trace:{kind}", "prob", "layer", "position",
                        [str(x) for x in range(n_layers)], [str(p) for p in range(n_pos)], clean, float(values[0]),
                        extra={"subject": list(subject), "window": window, "noise_scale": scale,

@@ -81,14 +81,18 @@ def _check_pair(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> None:
 
 
 def _baselines(model: nn.Module, clean: dict[str, Tensor], corrupted: dict[str, Tensor], metric: Metric,
-               hooks: list[str]) -> tuple[dict[str, Tensor], float, float, Tensor]:
+               hooks: list[str]) -> tuple[dict[str, Tensor], float, float, dict[int, Tensor]]:
+    """Clean activations at `hooks`, both baselines, and the corrupted run's residual stream entering every
+    block (so sweeps can resume there instead of recomputing the blocks before a cell's patch)."""
+    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
         out, cache = model.run_with_cache(**clean, names_filter=hooks)
-        corrupted_logits = model(**corrupted).logits
+        corrupted_out, corrupted_cache = model.run_with_cache(**corrupted, names_filter=resid)
     ex = torch.arange(out.logits.shape[0], device=out.logits.device)
     clean_m = metric(out.logits, ex).mean()
-    corrupted_m = metric(corrupted_logits, ex).mean()
-    return dict(cache), float(clean_m), float(corrupted_m), corrupted_logits
+    corrupted_m = metric(corrupted_out.logits, ex).mean()
+    resume = {layer: corrupted_cache[h] for layer, h in enumerate(resid)}
+    return dict(cache), float(clean_m), float(corrupted_m), resume
 
 
 def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric, kind: str = "resid_pre",
@@ -100,9 +104,10 @@ def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metri
     _check_pair(clean, corrupted)
     cells, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
     hooks = sorted({k.hook.format(layer=c[0]) for c in cells})
-    stored, clean_m, corrupted_m, _ = _baselines(model, clean, corrupted, metric, hooks)
+    stored, clean_m, corrupted_m, resume = _baselines(model, clean, corrupted, metric, hooks)
     patches = [[Patch(k.hook.format(layer=layer), tuple(fixed.get(d) for d in k.layout))] for layer, fixed in cells]
-    values = run_cells(model, corrupted, patches, stored, metric, batch_size, progress=progress and f"patch {kind}")
+    values = run_cells(model, corrupted, patches, stored, metric, batch_size, progress=progress and f"patch {kind}",
+                       resume=resume)
     return SweepResult(values.view(len(rows), len(cols)).cpu(), kind, getattr(metric, "__name__", "metric"),
                        row_label, col_label, rows, cols, clean_m, corrupted_m)
 

@@ -22,7 +22,7 @@ from torch import nn
 from hookvene.experiments.metrics import Metric
 from hookvene.experiments.patching import _as_inputs, _baselines, _check_pair
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, patch_hooks
+from hookvene.experiments.sweep import Patch, metric_values, patch_hooks
 
 Z = "blocks.{layer}.attn.hook_z"
 
@@ -86,8 +86,9 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
                 rows = torch.arange(len(ex))
                 hooks = patch_hooks(second, cell_of_row, ex, {f"recorded:{k}": v for k, v in recorded.items()},
                                     store_row=rows)
-            logits = model.run_with_hooks(**batch, fwd_hooks=hooks).logits
-            values[chunk.start:chunk.stop] = metric(logits, ex).view(len(chunk), n_ex).mean(1).cpu()
+            with model.hooks(fwd_hooks=hooks):
+                v = metric_values(model, batch, metric, ex)
+            values[chunk.start:chunk.stop] = v.view(len(chunk), n_ex).mean(1).cpu()
     grid = torch.full((n_layers, n_heads), float("nan"))
     for (lay, h), v in zip(senders, values):
         grid[lay, h] = v

@@ -7,12 +7,15 @@ stored activations come from one cached run, so nothing is recomputed per cell, 
 inside the loop: the metric is reduced on the device and read once at the end.
 """
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from hookvene.experiments.metrics import PositionMetric
 
 Metric = Callable[[Tensor, Tensor], Tensor]  # (logits (rows, pos, d_vocab), example index per row) -> (rows,)
 RowHooks = Callable[[Tensor, Tensor], list[tuple[str, Callable]]]  # (example idx, cell idx) per row -> hooks
@@ -77,32 +80,70 @@ def patch_hooks(cells: Sequence[Sequence[Patch]], cell_of_row: Tensor, example_o
     return hooks
 
 
+def _stack_forward(model: nn.Module) -> Callable[..., Any]:
+    """The model's forward without its unembedding (GPT2LM -> GPT2.forward), for metrics read at one position."""
+    for cls in type(model).__mro__[1:]:
+        if "forward" in cls.__dict__:
+            return lambda **kw: cls.forward(model, **kw)
+    raise ValueError(f"{type(model).__name__} has no base forward")
+
+
+def metric_values(model: nn.Module, batch: dict[str, Tensor], metric: Metric, example_of_row: Tensor,
+                  offset: int = 0) -> Tensor:
+    """One forward pass (hooks already attached) -> the metric per row. A PositionMetric gets the unembedding
+    computed at its positions only (hook_logits does not fire then); `offset` is the absolute position of the
+    batch's first position (runs that resume from a KV cache)."""
+    if isinstance(metric, PositionMetric) and getattr(model, "unembed", None) is not None:
+        hidden = _stack_forward(model)(**batch).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        at = metric.positions(example_of_row, offset + hidden.shape[1]) - offset
+        return metric.fn(model.unembed(hidden[rows, at]), example_of_row)
+    return metric(model(**batch).logits, example_of_row)
+
+
+def start_layer(cell: Sequence[Patch]) -> int:
+    """The first block a cell touches (0 if any patch is outside the blocks)."""
+    layers = [re.match(r"blocks\.(\d+)\.", p.hook) for p in cell]
+    return min((int(m.group(1)) if m else 0 for m in layers), default=0)
+
+
 def run_cells(model: nn.Module, inputs: dict[str, Tensor], cells: Sequence[Sequence[Patch]], stored: dict[str, Tensor],
               metric: Metric, batch_size: int = 64, row_hooks: RowHooks | None = None,
-              progress: bool | str = False) -> Tensor:
+              progress: bool | str = False, resume: dict[int, Tensor] | None = None) -> Tensor:
     """Mean metric over the examples of `inputs` for each cell; returns a (len(cells),) tensor.
 
     `stored[hook]` holds (B, ...) activations for the B examples; `row_hooks` adds per-chunk hooks that depend on
     the rows (e.g. causal tracing's noise). `batch_size` is the number of rows per forward pass (memory budget).
+    `resume[l]` (optional) is the residual stream entering block l on the unpatched run, (B, pos, d_model): a
+    cell whose first patch is in block l then starts there, skipping blocks that would compute the same values
+    for every cell; cells are grouped by that layer.
     """
     from tqdm.auto import tqdm
 
     n_ex = next(iter(inputs.values())).shape[0]
     device = next(model.parameters()).device
-    cells_per_chunk = max(1, batch_size // n_ex)
-    out = torch.empty(len(cells), device=device)
-    starts = range(0, len(cells), cells_per_chunk)
-    bar = tqdm(starts, desc=progress if isinstance(progress, str) else "sweep", disable=not progress,
-               total=len(starts), unit="chunk")
+    starts = [start_layer(c) if resume else 0 for c in cells]
+    starts = [s if s in (resume or {}) else 0 for s in starts]
+    per = max(1, batch_size // n_ex)
+    chunks = []
+    for s in sorted(set(starts)):
+        ids = [i for i, x in enumerate(starts) if x == s]
+        chunks += [(s, ids[i:i + per]) for i in range(0, len(ids), per)]
+    out = torch.empty(len(cells), device=device, dtype=torch.float64 if model.dtype == torch.float64 else None)
+    bar = tqdm(chunks, desc=progress if isinstance(progress, str) else "sweep", disable=not progress, unit="chunk")
     with torch.no_grad():
-        for start in bar:
-            stop = min(start + cells_per_chunk, len(cells))
-            cell_of_row = torch.arange(start, stop, device=device).repeat_interleave(n_ex)
-            example_of_row = torch.arange(n_ex, device=device).repeat(stop - start)
+        for s, ids in bar:
+            cell_ids = torch.tensor(ids, device=device)
+            cell_of_row = cell_ids.repeat_interleave(n_ex)
+            example_of_row = torch.arange(n_ex, device=device).repeat(len(ids))
             batch = {k: v[example_of_row] for k, v in inputs.items()}
+            if s:
+                batch = {"inputs_embeds": resume[s][example_of_row], "start_at_layer": s,
+                         **({"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {})}
             hooks = patch_hooks(cells, cell_of_row, example_of_row, stored)
             if row_hooks is not None:
                 hooks = row_hooks(example_of_row, cell_of_row) + hooks
-            logits = model.run_with_hooks(**batch, fwd_hooks=hooks).logits
-            out[start:stop] = metric(logits, example_of_row).view(stop - start, n_ex).mean(dim=1)
+            with model.hooks(fwd_hooks=hooks):
+                values = metric_values(model, batch, metric, example_of_row)
+            out[cell_ids] = values.view(len(ids), n_ex).mean(dim=1).to(out.dtype)
     return out

@@ -153,10 +153,13 @@ class GPT2(HookedModule):
                 attention_mask: Int[Tensor, "batch k_pos"] | None = None,
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False) -> ModelOutput:
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                start_at_layer: int = 0) -> ModelOutput:
         """`attention_mask` covers the cached prefix plus the new positions (1 = real token, 0 = padding).
         Positions default to 0, 1, ... after the cached prefix, as in `transformers`; left-padded generation
-        passes `position_ids` explicitly."""
+        passes `position_ids` explicitly. With `start_at_layer=l` (TransformerLens's name), `inputs_embeds` is
+        the residual stream entering block l and the blocks before it are skipped (patching sweeps resume
+        from cached states this way)."""
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = len(cache) if cache is not None else 0
         if inputs_embeds is None:
@@ -166,11 +169,11 @@ class GPT2(HookedModule):
         check_length(past + n_pos, self.cfg.n_ctx)  # also for inputs_embeds: the position table ends at n_ctx
         if position_ids is None:
             position_ids = torch.arange(past, past + n_pos, device=inputs_embeds.device).expand(len(inputs_embeds), -1)
-        embed = self.hook_embed(inputs_embeds)
-        pos_embed = self.hook_pos_embed(self.pos_embed(position_ids))
-        mask = causal_mask(attention_mask, n_pos, past + n_pos, embed.dtype, embed.device)
-        x = embed + pos_embed
-        for block in self.blocks:
+        mask = causal_mask(attention_mask, n_pos, past + n_pos, inputs_embeds.dtype, inputs_embeds.device)
+        x = inputs_embeds
+        if not start_at_layer:
+            x = self.hook_embed(x) + self.hook_pos_embed(self.pos_embed(position_ids))
+        for block in self.blocks[start_at_layer:]:
             x = block(x, mask, cache)
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
@@ -194,8 +197,9 @@ class GPT2LM(GPT2):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Int[Tensor, "batch pos"] | None = None) -> ModelOutput:
-        out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache)
+                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int = 0) -> ModelOutput:
+        out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache,
+                              start_at_layer)
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
         if labels is not None:
             out.loss = lm_loss(out.logits, labels)

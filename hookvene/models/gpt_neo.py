@@ -183,10 +183,12 @@ class GPTNeo(HookedModule):
                 attention_mask: Int[Tensor, "batch k_pos"] | None = None,
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False) -> ModelOutput:
+                past_key_values: KVCache | None = None, use_cache: bool = False,
+                start_at_layer: int = 0) -> ModelOutput:
         """`attention_mask` covers the cached prefix plus the new positions (1 = real token, 0 = padding).
         Positions default to 0, 1, ... after the cached prefix, as in `transformers`; left-padded generation
-        passes `position_ids` explicitly. The local window counts key slots, padding included, as HF does."""
+        passes `position_ids` explicitly. The local window counts key slots, padding included, as HF does.
+        With `start_at_layer=l`, `inputs_embeds` is the residual stream entering block l (see GPT2.forward)."""
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = len(cache) if cache is not None else 0
         if inputs_embeds is None:
@@ -196,13 +198,13 @@ class GPTNeo(HookedModule):
         check_length(past + n_pos, self.cfg.n_ctx)  # also for inputs_embeds: the position table ends at n_ctx
         if position_ids is None:
             position_ids = torch.arange(past, past + n_pos, device=inputs_embeds.device).expand(len(inputs_embeds), -1)
-        embed = self.hook_embed(inputs_embeds)
-        pos_embed = self.hook_pos_embed(self.pos_embed(position_ids))
         # One additive mask per distinct window (attention runs in float32, so the mask is float32 too).
-        masks = {w: sliding_causal_mask(attention_mask, n_pos, past + n_pos, w, torch.float32, embed.device)
-                 for w in set(self.windows)}
-        x = embed + pos_embed
-        for block, window in zip(self.blocks, self.windows):
+        masks = {w: sliding_causal_mask(attention_mask, n_pos, past + n_pos, w, torch.float32,
+                                        inputs_embeds.device) for w in set(self.windows)}
+        x = inputs_embeds
+        if not start_at_layer:
+            x = self.hook_embed(x) + self.hook_pos_embed(self.pos_embed(position_ids))
+        for block, window in list(zip(self.blocks, self.windows))[start_at_layer:]:
             x = block(x, masks[window], cache)
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
@@ -227,9 +229,9 @@ class GPTNeoLM(GPTNeo):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Int[Tensor, "batch pos"] | None = None) -> ModelOutput:
+                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int = 0) -> ModelOutput:
         out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values,
-                              use_cache)
+                              use_cache, start_at_layer)
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
         if labels is not None:
             out.loss = lm_loss(out.logits, labels)

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from hookvene.experiments.metrics import prob
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, run_cells
+from hookvene.experiments.sweep import Patch, metric_values, patch_hooks
+from hookvene.models._common import KVCache
 
 STATES = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
           "attn": "blocks.{layer}.hook_attn_out"}
@@ -71,23 +72,47 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     hooks = [STATES[kind].format(layer=layer) for layer in range(n_layers)]
     resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
     batch = {k: v.expand(n_samples, *v.shape[1:]) for k, v in inputs.items()}
+    metric = prob(target)
     with torch.no_grad():
         out, cache = model.run_with_cache(**inputs, names_filter=hooks)
         with model.hooks(fwd_hooks=corrupt(torch.arange(n_samples, device=ids.device), None)):
-            _, noised = model.run_with_cache(**batch, names_filter=resid)
-    stored = {h: cache[h].expand(n_samples, *cache[h].shape[1:]) for h in hooks}
-    resume = {layer: noised[h] for layer, h in enumerate(resid)}  # cells restart at their first restored layer
-    metric = prob(target)
+            noised_out, noised = model.run_with_cache(**batch, names_filter=resid, use_cache=True)
     clean = float(metric(out.logits, torch.zeros(1, dtype=torch.long)).mean())
+    corrupted = float(metric(noised_out.logits, torch.arange(n_samples)).mean())
 
     def layers_for(layer: int) -> range:
         return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
-    cells = [[]] + [[Patch(STATES[kind].format(layer=j), (p, None)) for j in layers_for(layer)]
-                    for layer in range(n_layers) for p in range(n_pos)]
-    values = run_cells(model, batch, cells, stored, metric, batch_size, row_hooks=corrupt,
-                       progress=progress and f"causal trace ({kind})", resume=resume).cpu()
-    return SweepResult(values[1:].view(n_layers, n_pos), f"causal_trace:{kind}", "prob", "layer", "position",
-                       [str(x) for x in range(n_layers)], [str(p) for p in range(n_pos)], clean, float(values[0]),
+    # Restoring position p cannot change positions before it (attention is causal), nor the blocks before the
+    # first restored layer: each cell resumes from the noised run's residual stream at that layer, on positions
+    # p.. only, with the noised run's keys and values for positions < p (a KV cache). Before the first subject
+    # token the clean and noised runs agree, so those cells equal the corrupted baseline without running.
+    values = torch.full((n_layers, n_pos), corrupted)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for layer in range(n_layers):
+        for p in range(min(subject), n_pos):
+            groups.setdefault((layers_for(layer)[0], p), []).append(layer)
+    from tqdm.auto import tqdm
+
+    for (first, p), layers in tqdm(groups.items(), desc=f"causal trace ({kind})", disable=not progress):
+        stored = {h: cache[h][:, p:].expand(n_samples, -1, -1) for h in hooks}
+        cells = [[Patch(STATES[kind].format(layer=j), (0, None)) for j in layers_for(layer)] for layer in layers]
+        per = max(1, batch_size // n_samples)
+        for c0 in range(0, len(cells), per):
+            chunk = list(range(c0, min(c0 + per, len(cells))))
+            cell_of_row = torch.tensor(chunk).repeat_interleave(n_samples)
+            example_of_row = torch.arange(n_samples).repeat(len(chunk))
+            kv = KVCache()
+            for j in range(first, n_layers):
+                kv.keys[j] = noised_out.past_key_values.keys[j][example_of_row, :p]
+                kv.values[j] = noised_out.past_key_values.values[j][example_of_row, :p]
+            state = (noised[resid[first]] if first < n_layers else noised_out.last_hidden_state)[example_of_row, p:]
+            hooks_ = patch_hooks(cells, cell_of_row, example_of_row, stored)
+            with torch.no_grad(), model.hooks(fwd_hooks=hooks_):
+                v = metric_values(model, {"inputs_embeds": state, "start_at_layer": first, "past_key_values": kv},
+                                  metric, example_of_row, offset=p)
+            values[[layers[i] for i in chunk], p] = v.view(len(chunk), n_samples).mean(1).float().cpu()
+    return SweepResult(values, f"causal_trace:{kind}", "prob", "layer", "position",
+                       [str(x) for x in range(n_layers)], [str(p) for p in range(n_pos)], clean, corrupted,
                        extra={"subject": list(subject), "window": window, "noise_scale": scale,
                               "n_samples": n_samples, "target": int(target), "noise": noise.cpu()})

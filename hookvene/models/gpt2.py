@@ -154,7 +154,7 @@ class GPT2(HookedModule):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                start_at_layer: int = 0) -> ModelOutput:
+                start_at_layer: int | None = None) -> ModelOutput:
         """`attention_mask` covers the cached prefix plus the new positions (1 = real token, 0 = padding).
         Positions default to 0, 1, ... after the cached prefix, as in `transformers`; left-padded generation
         passes `position_ids` explicitly. With `start_at_layer=l` (TransformerLens's name), `inputs_embeds` is
@@ -171,9 +171,9 @@ class GPT2(HookedModule):
             position_ids = torch.arange(past, past + n_pos, device=inputs_embeds.device).expand(len(inputs_embeds), -1)
         mask = causal_mask(attention_mask, n_pos, past + n_pos, inputs_embeds.dtype, inputs_embeds.device)
         x = inputs_embeds
-        if not start_at_layer:
+        if start_at_layer is None:
             x = self.hook_embed(x) + self.hook_pos_embed(self.pos_embed(position_ids))
-        for block in self.blocks[start_at_layer:]:
+        for block in self.blocks[start_at_layer or 0:]:
             x = block(x, mask, cache)
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
@@ -197,7 +197,7 @@ class GPT2LM(GPT2):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int = 0) -> ModelOutput:
+                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int | None = None) -> ModelOutput:
         out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache,
                               start_at_layer)
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))

@@ -184,7 +184,7 @@ class GPTNeo(HookedModule):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                start_at_layer: int = 0) -> ModelOutput:
+                start_at_layer: int | None = None) -> ModelOutput:
         """`attention_mask` covers the cached prefix plus the new positions (1 = real token, 0 = padding).
         Positions default to 0, 1, ... after the cached prefix, as in `transformers`; left-padded generation
         passes `position_ids` explicitly. The local window counts key slots, padding included, as HF does.
@@ -202,9 +202,9 @@ class GPTNeo(HookedModule):
         masks = {w: sliding_causal_mask(attention_mask, n_pos, past + n_pos, w, torch.float32,
                                         inputs_embeds.device) for w in set(self.windows)}
         x = inputs_embeds
-        if not start_at_layer:
+        if start_at_layer is None:
             x = self.hook_embed(x) + self.hook_pos_embed(self.pos_embed(position_ids))
-        for block, window in list(zip(self.blocks, self.windows))[start_at_layer:]:
+        for block, window in list(zip(self.blocks, self.windows))[start_at_layer or 0:]:
             x = block(x, masks[window], cache)
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
@@ -229,7 +229,7 @@ class GPTNeoLM(GPTNeo):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int = 0) -> ModelOutput:
+                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int | None = None) -> ModelOutput:
         out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values,
                               use_cache, start_at_layer)
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))

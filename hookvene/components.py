@@ -187,7 +187,8 @@ def resolve(model: nn.Module, layer: int, component: str, unit: str) -> Site:
     if view.startswith("step_slice"):
         i, h = int(view[-1]), cfg.h_dim
         view, last_slice = "step_slice", (i * h, (i + 1) * h)
-    skip_from = table[skip][0].format(layer=layer) if skip else None
+    prefix = component.rpartition(".")[0] + "." if "." in component else ""  # T5: decoder.* skips within decoder
+    skip_from = table.get(prefix + skip, table.get(skip))[0].format(layer=layer) if skip else None
     site = Site(template.format(layer=layer), view, _dim(cfg, dim_attr), last_slice, skip_from)
     if site.hook not in hook_dict:
         raise ValueError(f"component {component!r} maps to hook {site.hook!r}, which this model does not have")

@@ -10,7 +10,7 @@ no_grad. Rows:
 
 Measurements alternate between the variants inside one loop and report medians, to be fair on a busy machine.
 
-    python benchmarks/bench_interventions.py [--quick]
+    python benchmarks/bench_interventions.py [--quick] [--threads 1]
 """
 
 import argparse
@@ -26,7 +26,10 @@ import hookvene as pv
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1 is steadier when shared)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12)).eval()
     model = pv.from_pretrained(hf)

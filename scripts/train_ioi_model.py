@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import random
 import re
@@ -95,20 +94,20 @@ def _closing_start(template: str) -> int:
     return template.index("[B]", template.index("[B]") + 1)
 
 
-def training_sentences(n: int, seed: int) -> list[str]:
+def training_sentences(n: int, seed: int, recombine: float) -> list[str]:
     """``n`` sentences "prompt IO." from the training templates and name pairs only.
 
-    Every other sentence recombines its template's opening (up to the second subject mention) with the
-    closing of another training template, e.g. "When [B] and [A] got a [OBJECT] at the [PLACE]," + "[B] gave
-    a [OBJECT] to".  Without this the model learns to guess the closing from the opening word: trained on
-    the fixed templates only, it answered " give" (as in "decided to give") rather than the name on held-out
-    frames, although it still ranked IO above S.  Held-out openings stay unseen either way.
+    A ``recombine`` fraction of them joins its template's opening (up to the second subject mention) with
+    the closing of another training template, e.g. "When [B] and [A] got a [OBJECT] at the [PLACE]," +
+    "[B] gave a [OBJECT] to".  This breaks the link between an opening and its closing.  Held-out openings
+    stay unseen either way.
     """
     clean = make_ioi_dataset(n, seed=seed, templates="train", names="train")
     rng = random.Random(f"{seed}/recombine")
     texts = clean.texts()
-    for i in range(1, n, 2) if os.environ.get("RECOMB", "1") == "1" else ():
-        e = clean[i]
+    for i, e in enumerate(clean):
+        if rng.random() >= recombine:
+            continue
         template, other = TEMPLATES[e.order][e.template], TEMPLATES[e.order][rng.choice(TRAIN_TEMPLATE_IDS)]
         frame = template[: _closing_start(template)] + other[_closing_start(other) :]
         filled = frame.replace("[A]", e.io).replace("[B]", e.s).replace("[PLACE]", e.place)
@@ -142,6 +141,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--recombine", type=float, default=0.0, help="fraction of recombined-frame sentences")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads; 1 keeps the result independent of the machine"
     )
@@ -183,7 +183,7 @@ def main() -> None:
     # One fresh sentence per (step, row): training never repeats an example, so the model cannot get by on
     # memorising (name pair, template) combinations.
     n_train = args.steps * args.batch_size
-    train = tokenizer(training_sentences(n_train, args.seed), padding=True, return_tensors="pt")
+    train = tokenizer(training_sentences(n_train, args.seed, args.recombine), padding=True, return_tensors="pt")
     if train["input_ids"].shape[1] > n_positions:
         raise RuntimeError(f"sentences of {train['input_ids'].shape[1]} tokens exceed n_positions={n_positions}")
     if (train["input_ids"] == tokenizer.unk_token_id).any():
@@ -251,6 +251,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
+        "recombine": args.recombine,
         "threads": args.threads,
         "train_examples": n_train,
         "wall_time_s": round(train_time, 1),

@@ -23,6 +23,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import hookvene as pv
 
 
+def variants(hf, iv, base: dict, source: dict, acts: dict, p: int) -> dict:
+    return {
+        "hf": lambda: hf(**base),
+        "interchange": lambda: iv(base, [source], {"sources->base": p}),
+        "given": lambda: iv(base, unit_locations={"base": p}, activations_sources=acts),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -41,11 +49,7 @@ def main() -> None:
         base = {"input_ids": torch.randint(0, 50257, (batch, pos))}
         source = {"input_ids": torch.randint(0, 50257, (batch, pos))}
         acts = {iv.sorted_keys[0]: torch.randn(batch, 1, 768)}
-        runs = {
-            "hf": lambda: hf(**base),
-            "interchange": lambda: iv(base, [source], {"sources->base": pos // 2}),
-            "given": lambda: iv(base, unit_locations={"base": pos // 2}, activations_sources=acts),
-        }
+        runs = variants(hf, iv, base, source, acts, pos // 2)
         times: dict[str, list[float]] = {k: [] for k in runs}
         with torch.no_grad():
             for fn in runs.values():

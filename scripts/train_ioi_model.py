@@ -1,6 +1,6 @@
 """Train the bundled teaching model ``hookvene/zoo/ioi-gpt2``: a 4-layer GPT-2 that solves IOI.
 
-Usage (from the repository root, ~2-3 minutes on 2 CPU cores)::
+Usage (from the repository root; about 3.5 minutes on one CPU core, see ``--threads``)::
 
     python scripts/train_ioi_model.py
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import platform
-import random
 import re
 import sys
 import time
@@ -43,7 +42,6 @@ from hookvene.experiments.ioi import (  # noqa: E402
     OBJECTS,
     PLACES,
     TEMPLATES,
-    TRAIN_TEMPLATE_IDS,
     IOIDataset,
     corrupt,
     logit_diff,
@@ -53,7 +51,7 @@ from hookvene.experiments.ioi import (  # noqa: E402
 
 BOS = "<|endoftext|>"  # GPT-2 convention: one token serves as bos and eos
 PAD, UNK = "<pad>", "<unk>"
-EVAL_SEED = 12345  # seed of the held-out evaluation set (tests/test_zoo_model.py rebuilds it from the report)
+EVAL_SEED = 12345  # seed of the evaluation sets; recorded in the report (the zoo test samples with seed + 1)
 
 
 def build_tokenizer(n_positions: int) -> PreTrainedTokenizerFast:
@@ -89,41 +87,16 @@ def build_tokenizer(n_positions: int) -> PreTrainedTokenizerFast:
     )
 
 
-def _closing_start(template: str) -> int:
-    """Index of the second subject mention ("[B]" twice in both orders), where the closing clause starts."""
-    return template.index("[B]", template.index("[B]") + 1)
-
-
-def training_sentences(n: int, seed: int, recombine: float) -> list[str]:
-    """``n`` sentences "prompt IO." from the training templates and name pairs only.
-
-    A ``recombine`` fraction of them joins its template's opening (up to the second subject mention) with
-    the closing of another training template, e.g. "When [B] and [A] got a [OBJECT] at the [PLACE]," +
-    "[B] gave a [OBJECT] to".  This breaks the link between an opening and its closing.  Held-out openings
-    stay unseen either way.
-    """
-    clean = make_ioi_dataset(n, seed=seed, templates="train", names="train")
-    rng = random.Random(f"{seed}/recombine")
-    texts = clean.texts()
-    for i, e in enumerate(clean):
-        if rng.random() >= recombine:
-            continue
-        template, other = TEMPLATES[e.order][e.template], TEMPLATES[e.order][rng.choice(TRAIN_TEMPLATE_IDS)]
-        frame = template[: _closing_start(template)] + other[_closing_start(other) :]
-        filled = frame.replace("[A]", e.io).replace("[B]", e.s).replace("[PLACE]", e.place)
-        texts[i] = filled.replace("[OBJECT]", e.obj) + e.completion + "."
-    return texts
-
-
 @torch.no_grad()
 def evaluate(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, dataset: IOIDataset) -> dict[str, float]:
     """Accuracy (IO logit > S logit), top-1 accuracy and mean logit difference on prompts."""
+    was_training = model.training
     model.eval()
     batch = tokenize_ioi(dataset, tokenizer)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     diff = logit_diff(logits, batch, per_example=True)
     final = logits[torch.arange(len(dataset)), batch["end_pos"]]
-    model.train()
+    model.train(was_training)
     return {
         "n": len(dataset),
         "accuracy": (diff > 0).float().mean().item(),
@@ -137,16 +110,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "hookvene" / "zoo" / "ioi-gpt2")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--recombine", type=float, default=0.0, help="fraction of recombined-frame sentences")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads; 1 keeps the result independent of the machine"
     )
     parser.add_argument("--eval-n", type=int, default=2000)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=200)
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -183,7 +155,11 @@ def main() -> None:
     # One fresh sentence per (step, row): training never repeats an example, so the model cannot get by on
     # memorising (name pair, template) combinations.
     n_train = args.steps * args.batch_size
-    train = tokenizer(training_sentences(n_train, args.seed, args.recombine), padding=True, return_tensors="pt")
+    train = tokenizer(
+        make_ioi_dataset(n_train, seed=args.seed, templates="train", names="train").texts(),
+        padding=True,
+        return_tensors="pt",
+    )
     if train["input_ids"].shape[1] > n_positions:
         raise RuntimeError(f"sentences of {train['input_ids'].shape[1]} tokens exceed n_positions={n_positions}")
     if (train["input_ids"] == tokenizer.unk_token_id).any():
@@ -205,12 +181,9 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     for step in range(args.steps):
         rows = slice(step * args.batch_size, (step + 1) * args.batch_size)
-        # No attention mask needed: padding is on the right, so causal attention never lets a real token see
-        # a pad, and pads carry label -100.  (Building the mask costs ~20% of a step at this size.)
-        out = model(
-            input_ids=train["input_ids"][rows],
-            labels=labels[rows],
-        )
+        # No attention mask needed (and building one costs time each step): padding is on the right, so
+        # causal attention never lets a real token see a pad, and pads carry label -100.
+        out = model(input_ids=train["input_ids"][rows], labels=labels[rows])
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -251,10 +224,10 @@ def main() -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
-        "recombine": args.recombine,
         "threads": args.threads,
         "train_examples": n_train,
-        "wall_time_s": round(train_time, 1),
+        "train_wall_time_s": round(train_time, 1),  # set-up and training, before the final evaluation
+        "total_wall_time_s": round(time.perf_counter() - t0, 1),
         "n_params": n_params,
         "vocab_size": len(tokenizer),
         "n_layer": config.n_layer,
@@ -262,6 +235,8 @@ def main() -> None:
         "d_model": config.n_embd,
         "n_positions": config.n_positions,
         "eval_seed": EVAL_SEED,
+        # accuracy: IO logit > S logit at the last prompt token; top1_accuracy: IO is the argmax there;
+        # logit_diff: mean IO - S logit.  Corrupted sets are scored with the clean IO and S names.
         "eval": report_eval,
         "heldout_accuracy": report_eval["heldout"]["accuracy"],
         "heldout_logit_diff": report_eval["heldout"]["logit_diff"],

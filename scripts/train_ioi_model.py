@@ -1,6 +1,6 @@
 """Train the bundled teaching model ``hookvene/zoo/ioi-gpt2``: a 4-layer GPT-2 that solves IOI.
 
-Usage (from the repository root; about 3.5 minutes on one CPU core, see ``--threads``)::
+Usage (from the repository root; about 3 minutes, on one CPU thread by default)::
 
     python scripts/train_ioi_model.py
 

@@ -94,14 +94,10 @@ def test_template_split_is_disjoint_complete_and_uses_only_trained_words():
 
     # With the word's leading space (GPT-2 tokens): "Afterwards," and " afterwards" are different tokens.
     def words(ids):
-        return {
-            w for i in ids for o in ("ABBA", "BABA") for w in re.findall(r" ?\w+|[^\s\w]", TEMPLATES[o][i])
-        }
+        return {w for i in ids for o in ("ABBA", "BABA") for w in re.findall(r" ?\w+|[^\s\w]", TEMPLATES[o][i])}
 
     assert words(HELDOUT_TEMPLATE_IDS) <= words(TRAIN_TEMPLATE_IDS)
-    assert {e.template for e in make_ioi_dataset(300, seed=0, templates="heldout")} == set(
-        HELDOUT_TEMPLATE_IDS
-    )
+    assert {e.template for e in make_ioi_dataset(300, seed=0, templates="heldout")} == set(HELDOUT_TEMPLATE_IDS)
     assert {e.template for e in make_ioi_dataset(300, seed=0, templates="train")} <= set(TRAIN_TEMPLATE_IDS)
 
 

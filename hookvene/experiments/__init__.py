@@ -18,11 +18,11 @@ from hookvene.experiments.ioi import (
     IOIDataset,
     IOIExample,
     corrupt,
-    logit_diff,
     make_ioi_dataset,
     name_token,
     tokenize_ioi,
 )
+from hookvene.experiments.ioi import logit_diff as ioi_logit_diff
 from hookvene.experiments.ioi_analysis import IOIReport, ioi_analysis
 from hookvene.experiments.patching import KINDS, activation_patch, attribution_patch, compare
 from hookvene.experiments.path_patching import path_patch
@@ -51,7 +51,7 @@ __all__ = [
     "IOIDataset",
     "IOIExample",
     "corrupt",
-    "logit_diff",
+    "ioi_logit_diff",
     "make_ioi_dataset",
     "name_token",
     "tokenize_ioi",

@@ -123,9 +123,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 # Held-out frames: each uses only words that some training template also uses (checked in the tests), but
 # in a new arrangement ("After [B] and [A] went ..." vs. the trained "After the lunch, [B] and [A] ...").
 HELDOUT_TEMPLATE_IDS: tuple[int, ...] = (5, 8, 14, 15)
-TRAIN_TEMPLATE_IDS: tuple[int, ...] = tuple(
-    i for i in range(len(BASE_TEMPLATES)) if i not in HELDOUT_TEMPLATE_IDS
-)
+TRAIN_TEMPLATE_IDS: tuple[int, ...] = tuple(i for i in range(len(BASE_TEMPLATES)) if i not in HELDOUT_TEMPLATE_IDS)
 
 
 def _split_name_pairs() -> tuple[frozenset[frozenset[str]], frozenset[frozenset[str]]]:
@@ -259,9 +257,7 @@ def _resolve_templates(templates: str | Sequence[int]) -> tuple[int, ...]:
             "all": tuple(range(len(BASE_TEMPLATES))),
         }
         if templates not in table:
-            raise ValueError(
-                f"templates must be 'train', 'heldout', 'all' or a list of ids, got {templates!r}"
-            )
+            raise ValueError(f"templates must be 'train', 'heldout', 'all' or a list of ids, got {templates!r}")
         return table[templates]
     ids = tuple(templates)
     if not ids:
@@ -294,9 +290,7 @@ def _resolve_pairs(names: str | Sequence[str]) -> tuple[list[tuple[str, str]], t
         if len(pool) < 2:
             raise ValueError(f"need at least 2 names to form (io, s) pairs, got {list(pool)}")
         allowed = None
-    pairs = [
-        (a, b) for a in pool for b in pool if a != b and (allowed is None or frozenset((a, b)) in allowed)
-    ]
+    pairs = [(a, b) for a in pool for b in pool if a != b and (allowed is None or frozenset((a, b)) in allowed)]
     return pairs, pool
 
 
@@ -367,9 +361,7 @@ def corrupt(
             fresh = [x for x in pool if x not in (e.io, e.s)]
             need = 3 if kind == "abc" else 2
             if len(fresh) < need:
-                raise ValueError(
-                    f"corruption {kind!r} needs {need} names besides {e.io!r} and {e.s!r}; pool {pool}"
-                )
+                raise ValueError(f"corruption {kind!r} needs {need} names besides {e.io!r} and {e.s!r}; pool {pool}")
             picked = rng.sample(fresh, need)
             if kind == "abc":
                 io_slot, s1_slot, s2_slot = picked
@@ -390,9 +382,7 @@ def name_token(tokenizer: PreTrainedTokenizerBase, name: str) -> int:
     unk = getattr(tokenizer, "unk_token_id", None)
     if len(ids) != 1 or (unk is not None and ids[0] == unk):
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(
-            f"name {name!r} is not a single known token for this tokenizer: ' {name}' -> {pieces}"
-        )
+        raise ValueError(f"name {name!r} is not a single known token for this tokenizer: ' {name}' -> {pieces}")
     return ids[0]
 
 
@@ -501,9 +491,7 @@ def logit_diff(
         raise ValueError(f"logits must be [batch, pos, d_vocab], got shape {tuple(logits.shape)}")
     end_pos: Int[Tensor, " batch"] = batch["end_pos"].to(logits.device)
     if end_pos.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"logits have batch {logits.shape[0]} but the batch dict has {end_pos.shape[0]} examples"
-        )
+        raise ValueError(f"logits have batch {logits.shape[0]} but the batch dict has {end_pos.shape[0]} examples")
     rows = torch.arange(logits.shape[0], device=logits.device)
     final = logits[rows, end_pos]  # [batch, d_vocab]
     diff = final[rows, batch["io_ids"].to(logits.device)] - final[rows, batch["s_ids"].to(logits.device)]

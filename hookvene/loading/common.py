@@ -90,6 +90,14 @@ def convert_state_dict(rules: list[Rule], src: dict[str, Tensor], model: nn.Modu
     return out
 
 
+def lm_head_rules(lm_head: bool, tied: bool) -> tuple[list[Rule], dict[str, str]]:
+    """Rules for HF's `lm_head.weight`, and the tied keys: with a tied head it is the token embedding itself
+    (dropped, and `unembed.weight` shares `embed.weight`); without a head it is dropped."""
+    if lm_head and tied:
+        return [Rule("lm_head.weight", None)], {"unembed.weight": "embed.weight"}
+    return [Rule("lm_head.weight", "unembed.weight" if lm_head else None)], {}
+
+
 def check_config(hf_config: dict[str, Any], required: dict[str, Callable[[Any], bool] | Any], arch: str) -> None:
     """Refuse HF config options this implementation does not compute (penzai-style), naming each one.
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from hookvene.loading.common import Rule, check_config, convert_state_dict, empty_model
+from hookvene.loading.common import Rule, check_config, convert_state_dict, empty_model, lm_head_rules
 from hookvene.models.gpt2 import GPT2, GPT2LM, GPT2Config
 
 RULES = [
@@ -54,15 +54,8 @@ def config_from_hf(hf: dict[str, Any]) -> GPT2Config:
 def convert(hf: dict[str, Any], state: dict[str, Tensor], lm_head: bool, what: str) -> tuple[GPT2, dict[str, Tensor]]:
     """An empty (meta) hookvene model and the converted state dict for it."""
     cfg = config_from_hf(hf)
-
     with empty_model():
         model = GPT2LM(cfg) if lm_head else GPT2(cfg)
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    rules = list(RULES)
-    tied = {}
-    if lm_head and cfg.tie_word_embeddings:
-        rules.append(Rule("lm_head.weight", None))  # the same tensor as wte.weight
-        tied["unembed.weight"] = "embed.weight"
-    else:
-        rules.append(Rule("lm_head.weight", "unembed.weight" if lm_head else None))
-    return model, convert_state_dict(rules, state, model, what, tied)
+    head_rules, tied = lm_head_rules(lm_head, cfg.tie_word_embeddings)
+    return model, convert_state_dict(RULES + head_rules, state, model, what, tied)

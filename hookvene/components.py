@@ -74,6 +74,7 @@ def _transformer_table(prefix: str = "", mlp_in: str = "ln2", cross: bool = Fals
         "head_key_output": (b + "attn.hook_k", "heads", "d_head", None),
         "head_value_output": (b + "attn.hook_v", "heads", "d_head", None),
         "mlp_input": (b + f"{mlp_in}.hook_normalized", "flat", "d_model", None),
+        "mlp_pre_activation": (b + "mlp.hook_pre", "flat", "d_mlp", None),  # not in pyvene: the MLP's input to act
         "mlp_activation": (b + "mlp.hook_post", "flat", "d_mlp", None),
         "mlp_output": (b + "hook_mlp_out", "flat", "d_model", "mlp_input"),
         "residual_mid": (b + "hook_resid_mid", "flat", "d_model", None),

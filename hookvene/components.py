@@ -18,7 +18,6 @@ The tables are plain dicts in `type_to_module_mapping` / `type_to_dimension_mapp
 can add aliases, or register module paths for a model hookvene does not implement (pyvene's extension point).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,7 +210,7 @@ def _check_unit(site: Site, component: str, unit: str, raw: bool = False) -> Sit
 def _foreign_site(model: nn.Module, layer: int, component: str, entry: Any) -> Site:
     path, hook_type = entry[0], entry[1]
     path = path % layer if "%s" in path else path
-    _module_at(model, path)  # fail now, with a clear message, if the path is wrong
+    module_at(model, path)  # fail now, with a clear message, if the path is wrong
     dims = type_to_dimension_mapping.get(type(model), {}).get(component, ())
     cfg = getattr(model, "config", None)
     dim = next((d for d in (_eval_dim(cfg, e) for e in dims) if d is not None), None)
@@ -233,7 +232,7 @@ def _eval_dim(cfg: Any, expr: str) -> int | None:
         return None
 
 
-def _module_at(model: nn.Module, path: str) -> nn.Module:
+def module_at(model: nn.Module, path: str) -> nn.Module:
     """`encoder.block[3].layer[1]` -> that submodule."""
     m: Any = model
     for part in path.replace("]", "").replace("[", ".").split("."):
@@ -243,5 +242,3 @@ def _module_at(model: nn.Module, path: str) -> nn.Module:
             raise ValueError(f"module path {path!r} does not exist in {type(model).__name__}") from None
     return m
 
-
-module_at: Callable[[nn.Module, str], nn.Module] = _module_at

@@ -28,7 +28,7 @@ def heatmap(values: Float[Tensor, "rows cols"], rows: Sequence[str], cols: Seque
     if center is not None:
         span = max(abs(hi - center), abs(lo - center)) or 1.0
         lo, hi = center - span, center + span
-    width = min(16, 2 + 0.45 * len(cols))
+    width = max(6.0, min(16, 2 + 0.45 * len(cols)))  # wide enough for the title
     height = min(14, 1.5 + 0.35 * len(rows))
     fig, ax = plt.subplots(figsize=(width, height))
     im = ax.imshow(v.numpy(), cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
@@ -37,7 +37,7 @@ def heatmap(values: Float[Tensor, "rows cols"], rows: Sequence[str], cols: Seque
     ax.set_yticks(range(len(rows)), labels=list(rows), fontsize=8)
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10, wrap=True)
     if annotate or (annotate is None and v.numel() <= 150):
         for i in range(v.shape[0]):
             for j in range(v.shape[1]):

@@ -19,11 +19,15 @@ Target (the issue): hookvene steering >= 0.9x.
 """
 
 import argparse
+import os
 import statistics
-import time
+import sys
 from collections.abc import Callable
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_forward import bench  # noqa: E402
 
 TARGETS = {"hookvene steering": 0.9}
 PROMPT, NEW = 16, 64
@@ -62,23 +66,6 @@ def variants(hf, ours, new: int) -> dict[str, Callable[[torch.Tensor], torch.Ten
     }
 
 
-def bench(fns: dict[str, Callable], ids: torch.Tensor, rounds: int, warmup: int) -> dict[str, list[float]]:
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for n in names:
-                fns[n](ids)
-        for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
-            for n in order:
-                t0 = time.perf_counter()
-                out = fns[n](ids)
-                times[n].append(time.perf_counter() - t0)
-                assert out.shape == (ids.shape[0], ids.shape[1] + NEW), (n, tuple(out.shape))
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few rounds (a smoke test, noisy numbers)")
@@ -99,6 +86,10 @@ def main() -> None:
           f"{hf.config._attn_implementation}, {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M params, "
           f"batch 1, prompt {PROMPT}, {NEW} new tokens greedy, {rounds} rounds, {warmup} warm-up; "
           f"hookvene (no hooks) tokens == transformers tokens: {same}\n")
+    with torch.no_grad():  # every variant really generates NEW tokens (none stops early)
+        for name, fn in fns.items():
+            out = fn(ids)
+            assert out.shape == (ids.shape[0], ids.shape[1] + NEW), (name, tuple(out.shape))
     times = bench(fns, ids, rounds, warmup)
     hf_times = times["transformers"]
     print("| generate | median tokens/s | best tokens/s | median s / call | ratio to transformers (tok/s) "

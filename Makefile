@@ -17,6 +17,11 @@ ioi: install
 test: install
 	$(PY) -m pytest
 
+test-shapes: install   # the core tests with every jaxtyping shape annotation checked at run time
+	$(PY) -m pytest --jaxtyping-packages=hookvene,beartype.beartype -k "not bad_input and not bad_inputs and not hand_made" \
+	    tests/test_gpt2.py tests/test_gpt_neo.py tests/test_t5.py tests/test_gru.py tests/test_intervenable.py \
+	    tests/test_generate.py tests/test_experiments.py tests/test_components.py
+
 lint: install
 	$(VENV)/bin/ruff check hookvene tests examples benchmarks scripts
 
@@ -26,4 +31,4 @@ bench: install
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_experiments.py
 
-.PHONY: install ioi test lint bench
+.PHONY: install ioi test test-shapes lint bench

@@ -135,7 +135,7 @@ def intervened_generate(iv: Any, base: Any, sources: Any = None, unit_locations:
                         source_representations: Any = None, intervene_on_prompt: bool = True,
                         intervene_on_generated: bool | None = None, generated_steps: list[int] | None = None,
                         subspaces: Any = None, output_original_output: bool = False,
-                        **kwargs: Any) -> tuple[Any, Tensor]:
+                        **kwargs: Any) -> tuple[Any, Any]:
     """IntervenableModel.generate: returns `(original ids or None, intervened ids)`, or with a Collect
     intervention `((original, collected activations), intervened ids)`. See the module docstring for when
     interventions apply; `**kwargs` go to `generate` (max_new_tokens, max_length, do_sample, temperature, ...)."""

@@ -486,7 +486,7 @@ class IntervenableModel(nn.Module):
             return (original, acts), out
         return original, out
 
-    def generate(self, base: Any, **kwargs: Any) -> tuple[Any, Tensor]:
+    def generate(self, base: Any, **kwargs: Any) -> tuple[Any, Any]:
         """Generate with interventions; see `hookvene.generate.intervened_generate`."""
         from hookvene.generate import intervened_generate
 

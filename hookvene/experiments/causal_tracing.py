@@ -63,7 +63,7 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     noise = (torch.randn(n_samples, len(subject), d_model, generator=gen) * scale).to(model.embed.weight)
     subj = torch.tensor(subject, device=ids.device)
 
-    def corrupt(example_of_row: Tensor, cell_of_row: Tensor) -> list:
+    def corrupt(example_of_row: Tensor, cell_of_row: Tensor | None) -> list:
         def add_noise(x: Tensor, hook: Any) -> Tensor:
             rows = torch.arange(x.shape[0], device=x.device)[:, None]
             return x.index_put((rows, subj[None]), x[rows, subj[None]] + noise[example_of_row])

@@ -46,7 +46,7 @@ def merge_heads(z: Float[Tensor, "batch pos head d_head"]) -> Float[Tensor, "bat
 
 
 def causal_mask(attention_mask: Int[Tensor, "batch k_pos"] | None, q_len: int, k_len: int, dtype: torch.dtype,
-                device: torch.device, fused_ok: bool = True) -> Float[Tensor, "batch 1 q_pos k_pos"] | None:
+                device: torch.device, fused_ok: bool = True) -> Float[Tensor, "#batch 1 q_pos k_pos"] | None:
     """Additive mask for causal attention over a key sequence whose last `q_len` entries are the queries.
 
     Returns None when the plain causal mask is enough (no padding, no cached prefix), so attention can use
@@ -69,7 +69,7 @@ def padding_to_additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def attend(q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos head d_head"],
-           v: Float[Tensor, "batch k_pos head d_head"], mask: Float[Tensor, "batch head q_pos k_pos"] | None,
+           v: Float[Tensor, "batch k_pos head d_head"], mask: Float[Tensor, "#batch #head #q_pos k_pos"] | None,
            *, causal: bool, scale: float, hook_scores: HookPoint,
            hook_pattern: HookPoint) -> Float[Tensor, "batch q_pos head d_head"]:
     """Scaled dot-product attention that exposes scores and pattern only when someone is looking.

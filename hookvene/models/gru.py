@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Num
 from torch import Tensor, nn
 
 from hookvene.hooks import HookedModule, HookPoint
@@ -143,7 +143,7 @@ class GRU(HookedModule):
 
     def forward(self, input_ids: Int[Tensor, "batch time"] | None = None,
                 inputs_embeds: Float[Tensor, "batch time d_in"] | None = None,
-                attention_mask: Int[Tensor, "batch time"] | None = None) -> ModelOutput:
+                attention_mask: Num[Tensor, "batch time"] | None = None) -> ModelOutput:
         """`attention_mask` is accepted for a common calling convention and unused: the recurrence is causal,
         so right padding never changes a real step's state (left padding does, as with nn.GRU unpacked)."""
         x = self.hook_input(self.embed(input_ids, inputs_embeds))
@@ -173,7 +173,7 @@ class GRUClassifier(GRU):
 
     def forward(self, input_ids: Int[Tensor, "batch time"] | None = None,
                 inputs_embeds: Float[Tensor, "batch time d_in"] | None = None,
-                attention_mask: Int[Tensor, "batch time"] | None = None,
+                attention_mask: Num[Tensor, "batch time"] | None = None,
                 labels: Tensor | None = None) -> ModelOutput:
         out = super().forward(input_ids, inputs_embeds)
         states = out.last_hidden_state
@@ -203,7 +203,7 @@ class GRULM(GRU):
 
     def forward(self, input_ids: Int[Tensor, "batch time"] | None = None,
                 inputs_embeds: Float[Tensor, "batch time d_in"] | None = None,
-                attention_mask: Int[Tensor, "batch time"] | None = None,
+                attention_mask: Num[Tensor, "batch time"] | None = None,
                 labels: Int[Tensor, "batch time"] | None = None) -> ModelOutput:
         out = super().forward(input_ids, inputs_embeds)
         out.logits = self.hook_logits(self.lm_head(out.last_hidden_state))

@@ -154,11 +154,11 @@ class Attention(nn.Module):
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
 
-    def forward(self, x: Float[Tensor, "batch q_pos d_model"], x_kv: Float[Tensor, "batch k_pos d_model"],
-                mask: Float[Tensor, "#batch head q_pos k_pos"] | None,
+    def forward(self, x: Float[Tensor, "batch q_pos d_model"], x_kv: Float[Tensor, "batch kv_pos d_model"],
+                mask: Float[Tensor, "#batch #head #q_pos k_pos"] | None,
                 cache: KVCache | None = None) -> Float[Tensor, "batch q_pos d_model"]:
         q = self.hook_q(split_heads(self.q(x), self.n_heads))  # batch q_pos head d_head
-        k = self.hook_k(split_heads(self.k(x_kv), self.n_heads))  # batch k_pos head d_head
+        k = self.hook_k(split_heads(self.k(x_kv), self.n_heads))  # batch kv_pos head d_head (new positions)
         v = self.hook_v(split_heads(self.v(x_kv), self.n_heads))
         if cache is not None:  # decoder generation: prepend the cached keys/values (hooks saw the new ones)
             k, v = cache.update(self.layer, k, v)

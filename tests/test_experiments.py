@@ -56,7 +56,7 @@ METRIC = logit_diff(ANSWER, WRONG)
 
 
 def mean_metric(metric, logits):
-    return float(metric(logits, torch.arange(logits.shape[0])).mean())
+    return float(metric(logits, torch.arange(logits.shape[0])).mean().detach())
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,7 @@ def manual_trace(model, prompt, subject, target, kind, window, n_samples, seed, 
 
 @pytest.mark.parametrize("kind,window", [("resid", 1), ("mlp", 3)])
 def test_causal_trace_equals_manual(ct_model, kind, window):
-    scale = 3 * float(ct_model.embed.weight.std())  # the documented default: 3 sigma of the token embeddings
+    scale = 3 * float(ct_model.embed.weight.detach().std())  # the documented default: 3 sigma of the token embeddings
     res = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind=kind, window=window, n_samples=CT_SAMPLES,
                        seed=5, batch_size=32)
     ref, corrupted = manual_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind, window, CT_SAMPLES, 5, scale)

@@ -183,7 +183,7 @@ def manual_trace(model, prompt, subject, target, kind, window, n_samples, seed, 
 
     def p_target(hooks):
         logits = model.run_with_hooks(batch, fwd_hooks=[("hook_embed", add_noise)] + hooks).logits
-        return float(logits[:, -1].softmax(-1)[:, target].mean())
+        return float(logits[:, -1].softmax(-1)[:, target].mean().detach())
 
     grid = torch.empty(n_layers, n_pos)
     for layer in range(n_layers):

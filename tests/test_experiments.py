@@ -203,7 +203,7 @@ def test_causal_trace_equals_manual(ct_model, kind, window):
     assert res.values.shape == (CT_LAYERS, CT_PROMPT.shape[1])
     assert (res.values - ref).abs().max().item() <= ATOL
     assert res.corrupted == pytest.approx(corrupted, abs=ATOL)
-    clean = float(ct_model(CT_PROMPT).logits[0, -1].softmax(-1)[CT_TARGET])
+    clean = float(ct_model(CT_PROMPT).logits[0, -1].softmax(-1)[CT_TARGET].detach())
     assert res.clean == pytest.approx(clean, abs=ATOL)
     assert abs(res.clean - res.corrupted) > 1e-3, "the noise changes nothing: the test would be vacuous"
 

@@ -6,8 +6,6 @@ skip the later layers and the LM head. Nothing stays attached after a call, fail
 are left alone; the wrapped model is never frozen or switched to eval mode unless asked.
 """
 
-import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -543,44 +541,17 @@ class IntervenableModel(nn.Module):
             if hasattr(iv, "set_temperature"):
                 iv.set_temperature(temp)
 
-    # -- save / load -------------------------------------------------------------------------------------------
+    # -- save / load (hookvene/serialization.py) ---------------------------------------------------------------
 
     def save(self, save_directory: str, include_model: bool = False, **_: Any) -> None:
         """Write `config.json` and `interventions.safetensors` (trainable weights and constant sources)."""
-        from safetensors.torch import save_file
+        from hookvene.serialization import save_intervenable
 
-        os.makedirs(save_directory, exist_ok=True)
-        cfg = self.config.to_dict()
-        cfg["intervention_dimensions"] = [s.intervention.embed_dim for s in self.slots]
-        with open(os.path.join(save_directory, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2, default=str)
-        tensors = {}
-        for s in self.slots:
-            if s.intervention.trainable or s.intervention.source_representation is not None:
-                for name, t in s.intervention.state_dict().items():
-                    tensors[f"{s.key}/{name}"] = t.detach().cpu().contiguous().clone()
-        if include_model:
-            tensors |= {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-        save_file(tensors, os.path.join(save_directory, "interventions.safetensors"))
+        save_intervenable(self, save_directory, include_model)
 
     @staticmethod
     def load(load_directory: str, model: nn.Module, include_model: bool = False, **_: Any) -> "IntervenableModel":
         """Rebuild a saved IntervenableModel on `model` (weights and constant sources restored)."""
-        from safetensors.torch import load_file
+        from hookvene.serialization import load_intervenable
 
-        path = os.path.join(load_directory, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{load_directory!r} has no config.json saved by IntervenableModel.save")
-        with open(path) as f:
-            config = IntervenableConfig.from_dict(json.load(f))
-        tensors = load_file(os.path.join(load_directory, "interventions.safetensors"))
-        new = IntervenableModel(config, model)
-        for s in new.slots:
-            state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == s.key}
-            if "source_representation" in state:
-                s.intervention.set_source_representation(state["source_representation"])
-            if state:
-                s.intervention.load_state_dict(state, strict=True)
-        if include_model:
-            new.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-        return new
+        return load_intervenable(load_directory, model, include_model)

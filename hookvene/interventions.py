@@ -302,80 +302,81 @@ def sigmoid_boundary(x: Tensor, lo: Tensor | float, hi: Tensor | float, temperat
     return torch.sigmoid((x - lo) / temperature) * torch.sigmoid((hi - x) / temperature)
 
 
-class BoundlessRotatedSpaceIntervention(TrainableIntervention, DistributedRepresentationIntervention):
-    """Boundless DAS (Wu et al. 2023): a learned soft boundary beta picks the rotated dims to interchange:
-    m_i = sigmoid(i / T) * sigmoid((beta n - i) / T); out = ((1 - m) Rb + m Rs) R^T. Set T with
-    `set_temperature` (annealed during training); it is a buffer, not a parameter."""
+class TemperatureMixin:
+    """A `temperature` buffer that training schedules anneal (IntervenableModel.set_temperature)."""
+
+    temperature: Tensor
+
+    def get_temperature(self) -> Tensor:
+        return self.temperature
+
+    def set_temperature(self, temp: float) -> None:
+        self.temperature.fill_(temp)
+
+
+class SoftRotatedSpaceIntervention(TemperatureMixin, TrainableIntervention, DistributedRepresentationIntervention):
+    """Rotate, mix with a soft mask m over the rotated dims, rotate back: out = ((1 - m) Rb + m Rs) R^T.
+    Subclasses define `mask(n)`."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        n = _need_embed_dim(kwargs, type(self).__name__)
-        self.rotate_layer = rotation(n)
-        self.intervention_boundaries = nn.Parameter(torch.tensor([0.5]))
+        self.rotate_layer = rotation(_need_embed_dim(kwargs, type(self).__name__))
         self.register_buffer("temperature", torch.tensor(50.0))
+
+    def mask(self, n: int) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        rb, rs = self.rotate_layer(base), self.rotate_layer(source)
+        m = self.mask(rb.shape[-1]).to(rb.dtype)
+        return (((1 - m) * rb + m * rs) @ self.rotate_layer.weight.T).to(base.dtype)
+
+
+class BoundlessRotatedSpaceIntervention(SoftRotatedSpaceIntervention):
+    """Boundless DAS (Wu et al. 2023): a learned soft boundary beta picks the rotated dims to interchange:
+    m_i = sigmoid(i / T) * sigmoid((beta n - i) / T). Set T with `set_temperature` (annealed during training);
+    it is a buffer, not a parameter."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        n = self.rotate_layer.weight.shape[0]
+        self.intervention_boundaries = nn.Parameter(torch.tensor([0.5]))
         self.register_buffer("intervention_population", torch.arange(n, dtype=torch.float32), persistent=False)
 
     def get_boundary_parameters(self) -> Tensor:
         return self.intervention_boundaries
 
-    def get_temperature(self) -> Tensor:
-        return self.temperature
-
-    def set_temperature(self, temp: float) -> None:
-        self.temperature.fill_(temp)
-
     def set_intervention_boundaries(self, value: float) -> None:
         with torch.no_grad():
             self.intervention_boundaries.fill_(value)
 
-    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
-        source = self.resolve_source(base, source)
-        rb, rs = self.rotate_layer(base), self.rotate_layer(source)
-        n = rb.shape[-1]
+    def mask(self, n: int) -> Tensor:
         beta = torch.clamp(self.intervention_boundaries, 1e-3, 1.0)
-        m = sigmoid_boundary(self.intervention_population[:n], 0.0, beta * n, self.temperature).to(rb.dtype)
-        return (((1 - m) * rb + m * rs) @ self.rotate_layer.weight.T).to(base.dtype)
+        return sigmoid_boundary(self.intervention_population[:n], 0.0, beta * n, self.temperature)
 
 
-class SigmoidMaskRotatedSpaceIntervention(TrainableIntervention, DistributedRepresentationIntervention):
-    """A learned per-dimension soft mask in the rotated space: m = sigmoid(masks / T); out = ((1-m) Rb + m Rs) R^T."""
+class SigmoidMaskRotatedSpaceIntervention(SoftRotatedSpaceIntervention):
+    """A learned per-dimension soft mask in the rotated space: m = sigmoid(masks / T)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        n = _need_embed_dim(kwargs, type(self).__name__)
-        self.rotate_layer = rotation(n)
-        self.masks = nn.Parameter(torch.full((n,), 100.0))
-        self.register_buffer("temperature", torch.tensor(50.0))
+        self.masks = nn.Parameter(torch.full((self.rotate_layer.weight.shape[0],), 100.0))
 
     def get_boundary_parameters(self) -> Tensor:
         return self.masks
 
-    def get_temperature(self) -> Tensor:
-        return self.temperature
-
-    def set_temperature(self, temp: float) -> None:
-        self.temperature.fill_(temp)
-
-    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
-        source = self.resolve_source(base, source)
-        rb, rs = self.rotate_layer(base), self.rotate_layer(source)
-        m = torch.sigmoid(self.masks / self.temperature).to(rb.dtype)
-        return (((1 - m) * rb + m * rs) @ self.rotate_layer.weight.T).to(base.dtype)
+    def mask(self, n: int) -> Tensor:
+        return torch.sigmoid(self.masks / self.temperature)
 
 
-class SigmoidMaskIntervention(TrainableIntervention, LocalistRepresentationIntervention):
+class SigmoidMaskIntervention(TemperatureMixin, TrainableIntervention, LocalistRepresentationIntervention):
     """A learned soft mask in the original basis: m = sigmoid(mask / T); out = (1 - m) b + m s."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.mask = nn.Parameter(torch.zeros(_need_embed_dim(kwargs, type(self).__name__)))
         self.register_buffer("temperature", torch.tensor(0.01))
-
-    def get_temperature(self) -> Tensor:
-        return self.temperature
-
-    def set_temperature(self, temp: float) -> None:
-        self.temperature.fill_(temp)
 
     def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
         source = self.resolve_source(base, source)

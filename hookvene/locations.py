@@ -38,14 +38,22 @@ def _flat_ints(x: Any) -> bool:
     return isinstance(x, list | tuple) and len(x) > 0 and all(_is_int(i) for i in x)
 
 
-def expand_side(value: Any, n: int, batch: int) -> list:
-    """One side of a shortcut -> a per-intervention list of length n."""
-    if value is None:
-        return [None] * n
+def _broadcast(value: Any, n: int, batch: int) -> list | None:
+    """An int or a flat int list -> the same index list for every example of every intervention; else None."""
     if _is_int(value):
         return [[[value]] * batch for _ in range(n)]
     if _flat_ints(value):
         return [[list(value)] * batch for _ in range(n)]
+    return None
+
+
+def expand_side(value: Any, n: int, batch: int) -> list:
+    """One side of a shortcut -> a per-intervention list of length n."""
+    if value is None:
+        return [None] * n
+    shortcut = _broadcast(value, n, batch)
+    if shortcut is not None:
+        return shortcut
     if isinstance(value, list | tuple) and len(value) == n:
         return list(value)
     raise ValueError(f"cannot read unit locations {value!r}: expected an int, a flat list of ints, or a list with "
@@ -128,10 +136,9 @@ def parse_subspaces(subspaces: Any, n: int, batch: int) -> list:
     """`subspaces` -> a per-intervention list (None, or one index list per example, or anything custom)."""
     if subspaces is None:
         return [None] * n
-    if _is_int(subspaces):
-        return [[[subspaces]] * batch for _ in range(n)]
-    if _flat_ints(subspaces):
-        return [[list(subspaces)] * batch for _ in range(n)]
+    shortcut = _broadcast(subspaces, n, batch)
+    if shortcut is not None:
+        return shortcut
     if isinstance(subspaces, list | tuple):
         if len(subspaces) != n:
             raise ValueError(f"subspaces has {len(subspaces)} entries for {n} interventions; give one entry "

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hookvene.experiments.metrics import Metric
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Metric, Patch, run_cells
+from hookvene.experiments.sweep import Patch, run_cells
 
 
 @dataclass(frozen=True)

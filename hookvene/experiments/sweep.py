@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hookvene.experiments.metrics import PositionMetric
+from hookvene.experiments.metrics import Metric, PositionMetric
 
-Metric = Callable[[Tensor, Tensor], Tensor]  # (logits (rows, pos, d_vocab), example index per row) -> (rows,)
 RowHooks = Callable[[Tensor, Tensor], list[tuple[str, Callable]]]  # (example idx, cell idx) per row -> hooks
 
 

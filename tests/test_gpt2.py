@@ -287,3 +287,41 @@ def test_no_input_raises(small):
     _, model = small
     with pytest.raises(ValueError, match="input_ids or inputs_embeds"):
         model()
+
+
+def test_start_and_stop_at_layer_run_the_blocks_in_pieces(hf, loaded):
+    """TransformerLens semantics: stop_at_layer=l returns the residual stream entering block l (no ln_final, no
+    logits); start_at_layer=l resumes from it; one block at a time, with a KV cache, gives the full run back."""
+    model, n = loaded["memory"], hf.config.n_layer
+    ids, mask, _ = make_batch("right")
+    with torch.no_grad():
+        full, cache = model.run_with_cache(ids, attention_mask=mask)
+        ref = hf(ids, attention_mask=mask, output_hidden_states=True)
+        embeds = model(ids, attention_mask=mask, stop_at_layer=0)
+        assert embeds.logits is None
+        assert torch.equal(embeds.last_hidden_state, cache["blocks.0.hook_resid_pre"])
+        x = embeds.last_hidden_state
+        for layer in range(n):
+            x = model(inputs_embeds=x, attention_mask=mask, start_at_layer=layer,
+                      stop_at_layer=layer + 1).last_hidden_state
+            assert (x - ref.hidden_states[layer + 1]).abs().max() <= ATOL or layer == n - 1  # HF's last is after ln_f
+            assert torch.allclose(x, cache[f"blocks.{layer}.hook_resid_post"], atol=1e-6)
+        end = model(inputs_embeds=x, attention_mask=mask, start_at_layer=n)  # no blocks: ln_final + unembed
+        assert torch.allclose(end.logits, full.logits, atol=1e-5)
+        if n > 1:  # negative stop counts from the end
+            assert torch.equal(model(ids, attention_mask=mask, stop_at_layer=-1).last_hidden_state,
+                               model(ids, attention_mask=mask, stop_at_layer=n - 1).last_hidden_state)
+        # resuming with the prefix in a KV cache: positions 4.. of block 0 alone
+        prefix = model(ids[:, :4], stop_at_layer=1, use_cache=True).past_key_values
+        tail = model(inputs_embeds=cache["blocks.0.hook_resid_pre"][:, 4:], start_at_layer=0, stop_at_layer=1,
+                     past_key_values=prefix).last_hidden_state
+        unmasked = model.run_with_cache(ids, names_filter="blocks.0.hook_resid_post")[1]
+        assert torch.allclose(tail, unmasked["blocks.0.hook_resid_post"][:, 4:], atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(start_at_layer=-1), dict(start_at_layer=9), dict(stop_at_layer=-9),
+                                dict(stop_at_layer=9), dict(stop_at_layer=1.5)])
+def test_layer_range_out_of_bounds_raises(small, kw):
+    _, model = small
+    with pytest.raises(ValueError, match=f"{next(iter(kw))}.*out of range.*2 layers"):
+        model(torch.zeros(1, 3, dtype=torch.long), **kw)

@@ -147,6 +147,26 @@ def test_inputs_embeds_path(neo):
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_start_and_stop_at_layer(neo):
+    """One block at a time (stop_at_layer=l+1, start_at_layer=l) equals the full run, also when the tail
+    resumes from a KV cache of the prefix past the local window."""
+    x = ids(pos=17, seed=3)
+    with torch.no_grad():
+        full, cache = neo.run_with_cache(x)
+        h = neo(x, stop_at_layer=0).last_hidden_state
+        for layer in range(neo.cfg.n_layers):
+            h = neo(inputs_embeds=h, start_at_layer=layer, stop_at_layer=layer + 1).last_hidden_state
+            torch.testing.assert_close(h, cache[f"blocks.{layer}.hook_resid_post"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(neo(inputs_embeds=h, start_at_layer=neo.cfg.n_layers).logits, full.logits,
+                                   atol=1e-5, rtol=0)
+        prefix = neo(x[:, :9], use_cache=True).past_key_values
+        tail = neo(inputs_embeds=cache["blocks.1.hook_resid_pre"][:, 9:], start_at_layer=1,
+                   past_key_values=prefix).logits
+        torch.testing.assert_close(tail, full.logits[:, 9:], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="stop_at_layer.*out of range"):
+        neo(x, stop_at_layer=neo.cfg.n_layers + 1)
+
+
 # ---------------------------------------------------------------- hooks, attention paths, KV cache
 
 

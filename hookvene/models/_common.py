@@ -159,6 +159,18 @@ def check_length(n_tokens: int, n_ctx: int | None) -> None:
         raise ValueError(f"sequence of {n_tokens} tokens is longer than the model's context of {n_ctx} (n_ctx)")
 
 
+def layer_slice(start_at_layer: int | None, stop_at_layer: int | None, n_layers: int) -> slice:
+    """The blocks a forward with TransformerLens's `start_at_layer` / `stop_at_layer` runs, with clear errors.
+
+    start: None runs from the tokens (embeddings included); l in [0, n_layers] resumes at block l.
+    stop: None runs to the end; l in [-n_layers, n_layers] stops before block l (negative counts from the end)."""
+    for name, value, low in (("start_at_layer", start_at_layer, 0), ("stop_at_layer", stop_at_layer, -n_layers)):
+        if value is not None and not (isinstance(value, int) and low <= value <= n_layers):
+            raise ValueError(f"{name}={value!r} is out of range: the model has {n_layers} layers, so it must be an "
+                             f"int in [{low}, {n_layers}] or None")
+    return slice(start_at_layer or 0, stop_at_layer)
+
+
 def check_tokens(input_ids: Tensor | None, d_vocab: int, n_ctx: int | None, offset: int = 0) -> None:
     """Clear errors instead of an IndexError deep inside an embedding lookup."""
     if input_ids is None:

@@ -32,6 +32,7 @@ from hookvene.models._common import (
     causal_mask,
     check_length,
     check_tokens,
+    layer_slice,
     lm_loss,
     merge_heads,
     split_heads,
@@ -154,12 +155,15 @@ class GPT2(HookedModule):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                start_at_layer: int | None = None) -> ModelOutput:
+                start_at_layer: int | None = None, stop_at_layer: int | None = None) -> ModelOutput:
         """`attention_mask` covers the cached prefix plus the new positions (1 = real token, 0 = padding).
         Positions default to 0, 1, ... after the cached prefix, as in `transformers`; left-padded generation
         passes `position_ids` explicitly. With `start_at_layer=l` (TransformerLens's name), `inputs_embeds` is
         the residual stream entering block l and the blocks before it are skipped (patching sweeps resume
-        from cached states this way)."""
+        from cached states this way). With `stop_at_layer=l`, the run stops before block l and
+        `last_hidden_state` is the residual stream there (no final LayerNorm, no logits); together they run
+        one block at a time."""
+        blocks = layer_slice(start_at_layer, stop_at_layer, self.cfg.n_layers)
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = len(cache) if cache is not None else 0
         if inputs_embeds is None:
@@ -173,8 +177,10 @@ class GPT2(HookedModule):
         x = inputs_embeds
         if start_at_layer is None:
             x = self.hook_embed(x) + self.hook_pos_embed(self.pos_embed(position_ids))
-        for block in self.blocks[start_at_layer or 0:]:
+        for block in self.blocks[blocks]:
             x = block(x, mask, cache)
+        if stop_at_layer is not None:
+            return ModelOutput(last_hidden_state=x, past_key_values=cache)
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
     # HuggingFace attribute names (`gpt2.wte.weight`, `model.transformer.h[0]`); hook names do not change.
@@ -197,9 +203,12 @@ class GPT2LM(GPT2):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int | None = None) -> ModelOutput:
+                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int | None = None,
+                stop_at_layer: int | None = None) -> ModelOutput:
         out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache,
-                              start_at_layer)
+                              start_at_layer, stop_at_layer)
+        if stop_at_layer is not None:  # the residual stream mid-model: nothing to unembed
+            return out
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
         if labels is not None:
             out.loss = lm_loss(out.logits, labels)

@@ -31,6 +31,7 @@ from hookvene.models._common import (
     causal_mask,
     check_length,
     check_tokens,
+    layer_slice,
     lm_loss,
     merge_heads,
     split_heads,
@@ -184,11 +185,12 @@ class GPTNeo(HookedModule):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                start_at_layer: int | None = None) -> ModelOutput:
+                start_at_layer: int | None = None, stop_at_layer: int | None = None) -> ModelOutput:
         """`attention_mask` covers the cached prefix plus the new positions (1 = real token, 0 = padding).
         Positions default to 0, 1, ... after the cached prefix, as in `transformers`; left-padded generation
         passes `position_ids` explicitly. The local window counts key slots, padding included, as HF does.
-        With `start_at_layer=l`, `inputs_embeds` is the residual stream entering block l (see GPT2.forward)."""
+        `start_at_layer` / `stop_at_layer` resume at / stop before a block, as in GPT2.forward."""
+        blocks = layer_slice(start_at_layer, stop_at_layer, self.cfg.n_layers)
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past = len(cache) if cache is not None else 0
         if inputs_embeds is None:
@@ -204,8 +206,10 @@ class GPTNeo(HookedModule):
         x = inputs_embeds
         if start_at_layer is None:
             x = self.hook_embed(x) + self.hook_pos_embed(self.pos_embed(position_ids))
-        for block, window in list(zip(self.blocks, self.windows))[start_at_layer or 0:]:
+        for block, window in list(zip(self.blocks, self.windows))[blocks]:
             x = block(x, masks[window], cache)
+        if stop_at_layer is not None:
+            return ModelOutput(last_hidden_state=x, past_key_values=cache)
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
     # HuggingFace attribute names (`tinystory.transformer.wte(...)`, `config.num_layers`); hook names stay.
@@ -229,9 +233,12 @@ class GPTNeoLM(GPTNeo):
                 position_ids: Int[Tensor, "batch pos"] | None = None,
                 inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
                 past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int | None = None) -> ModelOutput:
+                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int | None = None,
+                stop_at_layer: int | None = None) -> ModelOutput:
         out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values,
-                              use_cache, start_at_layer)
+                              use_cache, start_at_layer, stop_at_layer)
+        if stop_at_layer is not None:  # the residual stream mid-model: nothing to unembed
+            return out
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
         if labels is not None:
             out.loss = lm_loss(out.logits, labels)

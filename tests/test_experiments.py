@@ -150,7 +150,7 @@ def test_full_residual_patch_restores_clean(model):
 # -- causal_trace == a manual computation with hand-written hooks ---------------------------------------------------
 
 CT_LAYERS, CT_PROMPT, CT_SUBJECT, CT_TARGET, CT_SAMPLES = 4, ids(7, batch=1, seq=6), [1, 2], 11, 10
-STATE = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out"}
+STATE = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def ct_model():
 def manual_trace(model, prompt, subject, target, kind, window, n_samples, seed, scale):
     """ROME's recipe, written out: the same Gaussian noise (n_samples x subject x d_model from a generator seeded with
     `seed`, times `scale`) added at hook_embed on the subject positions; for each (layer, pos) the clean value of the
-    state restored at `pos` in layers [layer - window//2, layer + window//2] (clipped); P(target) at the last position
+    state restored at `pos` in `window` layers centred on `layer` (clipped); P(target) at the last position
     averaged over the noise samples. Returns (grid, corrupted baseline)."""
     n_layers, n_pos = model.cfg.n_layers, prompt.shape[1]
     gen = torch.Generator().manual_seed(seed)
@@ -187,13 +187,14 @@ def manual_trace(model, prompt, subject, target, kind, window, n_samples, seed, 
 
     grid = torch.empty(n_layers, n_pos)
     for layer in range(n_layers):
-        lo, hi = max(0, layer - window // 2), min(n_layers - 1, layer + window // 2)  # window centred on layer
+        # `window` layers centred on `layer` (one more before than after when even, as in ROME), clipped
+        lo, hi = max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2)
         for pos in range(n_pos):
-            grid[layer, pos] = p_target([(STATE[kind].format(j), restore_at(pos)) for j in range(lo, hi + 1)])
+            grid[layer, pos] = p_target([(STATE[kind].format(j), restore_at(pos)) for j in range(lo, hi)])
     return grid, p_target([])
 
 
-@pytest.mark.parametrize("kind,window", [("resid", 1), ("mlp", 3)])
+@pytest.mark.parametrize("kind,window", [("resid", 1), ("resid", 3), ("mlp", 3), ("attn", 2)])
 def test_causal_trace_equals_manual(ct_model, kind, window):
     scale = 3 * float(ct_model.embed.weight.detach().std())  # the documented default: 3 sigma of the token embeddings
     res = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind=kind, window=window, n_samples=CT_SAMPLES,

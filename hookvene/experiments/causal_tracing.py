@@ -11,7 +11,8 @@ and measure how much of the clean prediction comes back:
               that minus P(target | corrupted)
 
 Every (layer, position) cell and every noise sample is one row of a stacked batch (see sweep.py), with the same
-noise draws for every cell, so the whole grid costs about cells x samples / batch_size forward passes.
+noise draws for every cell. A cell recomputes only what restoring can change: the blocks after the first restored
+layer, at the positions from the restored one on (see the comment in `causal_trace`).
 """
 
 from typing import Any
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from hookvene.experiments.metrics import prob
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, metric_values, patch_hooks
+from hookvene.experiments.sweep import Entry, Patch, metric_values, patch_hooks, staggered_forward
 from hookvene.models._common import KVCache
 
 STATES = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
@@ -63,55 +64,64 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     noise = (torch.randn(n_samples, len(subject), d_model, generator=gen) * scale).to(model.embed.weight)
     subj = torch.tensor(subject, device=ids.device)
 
-    def corrupt(example_of_row: Tensor, cell_of_row: Tensor | None) -> list:
-        def add_noise(x: Tensor, hook: Any) -> Tensor:
-            rows = torch.arange(x.shape[0], device=x.device)[:, None]
-            return x.index_put((rows, subj[None]), x[rows, subj[None]] + noise[example_of_row])
-        return [("hook_embed", add_noise)]
+    def add_noise(x: Tensor, hook: Any) -> Tensor:  # batch row i gets noise sample i
+        x = x.clone()
+        x[:, subj] += noise
+        return x
 
     hooks = [STATES[kind].format(layer=layer) for layer in range(n_layers)]
-    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    # entering[l]: the residual stream entering block l (entering[n_layers]: leaving the last block)
+    entering = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
     batch = {k: v.expand(n_samples, *v.shape[1:]) for k, v in inputs.items()}
     metric = prob(target)
+    samples = torch.arange(n_samples, device=ids.device)
     with torch.no_grad():
         out, cache = model.run_with_cache(**inputs, names_filter=hooks)
-        with model.hooks(fwd_hooks=corrupt(torch.arange(n_samples, device=ids.device), None)):
-            noised_out, noised = model.run_with_cache(**batch, names_filter=resid, use_cache=True)
+        with model.hooks(fwd_hooks=[("hook_embed", add_noise)]):
+            noised_out, noised = model.run_with_cache(**batch, names_filter=entering, use_cache=True)
     clean = float(metric(out.logits, torch.zeros(1, dtype=torch.long)).mean())
-    corrupted = float(metric(noised_out.logits, torch.arange(n_samples)).mean())
+    corrupted = float(metric(noised_out.logits, samples).mean())
 
     def layers_for(layer: int) -> range:
         return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
     # Restoring position p cannot change positions before it (attention is causal), nor the blocks before the
-    # first restored layer: each cell resumes from the noised run's residual stream at that layer, on positions
-    # p.. only, with the noised run's keys and values for positions < p (a KV cache). Before the first subject
-    # token the clean and noised runs agree, so those cells equal the corrupted baseline without running.
+    # first restored layer. So each cell resumes from the noised run's residual stream at that layer, on positions
+    # p.. only, with the noised run's keys and values for positions < p (a KV cache), and the cells of one
+    # position run as one staggered batch (see sweep.staggered_forward). Restoring the residual stream leaving
+    # block l (window 1) is resuming at block l + 1 from the noised stream with position p's clean value.
+    # Before the first subject token the clean and noised runs agree, so those cells equal the corrupted baseline.
     values = torch.full((n_layers, n_pos), corrupted)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for layer in range(n_layers):
-        for p in range(min(subject), n_pos):
-            groups.setdefault((layers_for(layer)[0], p), []).append(layer)
+    direct = kind == "resid" and window == 1
+    per = max(1, batch_size // n_samples)
+    jobs = [(p, list(range(n_layers))[i:i + per]) for p in range(min(subject), n_pos) for i in range(0, n_layers, per)]
+    kv, mask = noised_out.past_key_values, batch.get("attention_mask")
     from tqdm.auto import tqdm
 
-    for (first, p), layers in tqdm(groups.items(), desc=f"causal trace ({kind})", disable=not progress):
+    for p, layers in tqdm(jobs, desc=f"causal trace ({kind})", disable=not progress):
+        prefix = KVCache()
+        for j in range(n_layers):
+            prefix.keys[j], prefix.values[j] = kv.keys[j][:, :p], kv.values[j][:, :p]
         stored = {h: cache[h][:, p:].expand(n_samples, -1, -1) for h in hooks}
-        cells = [[Patch(STATES[kind].format(layer=j), (0, None)) for j in layers_for(layer)] for layer in layers]
-        per = max(1, batch_size // n_samples)
-        for c0 in range(0, len(cells), per):
-            chunk = list(range(c0, min(c0 + per, len(cells))))
-            cell_of_row = torch.tensor(chunk).repeat_interleave(n_samples)
-            example_of_row = torch.arange(n_samples).repeat(len(chunk))
-            kv = KVCache()
-            for j in range(first, n_layers):
-                kv.keys[j] = noised_out.past_key_values.keys[j][example_of_row, :p]
-                kv.values[j] = noised_out.past_key_values.values[j][example_of_row, :p]
-            state = (noised[resid[first]] if first < n_layers else noised_out.last_hidden_state)[example_of_row, p:]
-            hooks_ = patch_hooks(cells, cell_of_row, example_of_row, stored)
-            with torch.no_grad(), model.hooks(fwd_hooks=hooks_):
-                v = metric_values(model, {"inputs_embeds": state, "start_at_layer": first, "past_key_values": kv},
-                                  metric, example_of_row, offset=p)
-            values[[layers[i] for i in chunk], p] = v.view(len(chunk), n_samples).mean(1).float().cpu()
+        entries, cells = [], []
+        for i, layer in enumerate(layers):
+            cell_rows = torch.full_like(samples, i)
+            if direct:
+                state = noised[entering[layer + 1]][:, p:].clone()
+                state[:, 0] = stored[hooks[layer]][:, 0]
+                entries.append(Entry(layer + 1, state, samples, cell_rows))
+            else:
+                first = layers_for(layer)[0]
+                entries.append(Entry(first, noised[entering[first]][:, p:], samples, cell_rows))
+                cells.append([Patch(hooks[j], (0, None)) for j in layers_for(layer)])
+
+        def restore(ex: Tensor, cell: Tensor, cells: list = cells, stored: dict = stored) -> list:
+            return patch_hooks(cells, cell, ex, stored)
+        with torch.no_grad():
+            x, ex, cell = staggered_forward(model, entries, None if direct else restore, prefix, mask)
+            v = metric_values(model, {"inputs_embeds": x, "start_at_layer": n_layers}, metric, ex, offset=p)
+        sums = torch.zeros(len(layers), dtype=v.dtype, device=v.device).index_add_(0, cell, v)
+        values[layers, p] = (sums / n_samples).float().cpu()
     return SweepResult(values, f"causal_trace:{kind}", "prob", "layer", "position",
                        [str(x) for x in range(n_layers)], [str(p) for p in range(n_pos)], clean, corrupted,
                        extra={"subject": list(subject), "window": window, "noise_scale": scale,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hookvene.experiments.metrics import Metric, PositionMetric
+from hookvene.models._common import KVCache
 
 RowHooks = Callable[[Tensor, Tensor], list[tuple[str, Callable]]]  # (example idx, cell idx) per row -> hooks
 
@@ -98,6 +99,53 @@ def metric_values(model: nn.Module, batch: dict[str, Tensor], metric: Metric, ex
         at = metric.positions(example_of_row, offset + hidden.shape[1]) - offset
         return metric.fn(model.unembed(hidden[rows, at]), example_of_row)
     return metric(model(**batch).logits, example_of_row)
+
+
+@dataclass
+class Entry:
+    """Rows that join a staggered run at block `layer`, with the residual stream entering that block."""
+
+    layer: int
+    state: Tensor  # (rows, pos, d_model)
+    example_of_row: Tensor  # (rows,)
+    cell_of_row: Tensor  # (rows,)
+
+
+def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: RowHooks | None = None,
+                      prefix: KVCache | None = None,
+                      attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Run rows that resume at different blocks as one growing batch, one block at a time.
+
+    At block l the batch holds every row that entered at or before l, so cells that resume late share the
+    forward passes of those that resumed early: many small cells make a few large matmuls (the same arithmetic
+    as running them apart, at far better throughput on small batches). `row_hooks(example_of_row, cell_of_row)`
+    gives the hooks for the current batch. `prefix` holds, per example, the keys and values of the positions
+    before the rows' first one, for runs that recompute only a suffix of the prompt; `attention_mask` is per
+    example and covers those too. Returns the residual stream after the last block (rows, pos, d_model) with
+    each row's example and cell index, rows in order of entry.
+    """
+    n_layers = model.cfg.n_layers
+    entries = sorted(entries, key=lambda e: e.layer)
+    x, ex, cell = entries[0].state, entries[0].example_of_row, entries[0].cell_of_row
+    joining = iter(entries[1:])
+    nxt = next(joining, None)
+    for layer in range(entries[0].layer, n_layers + 1):
+        while nxt is not None and nxt.layer == layer:
+            x, ex = torch.cat([x, nxt.state]), torch.cat([ex, nxt.example_of_row])
+            cell = torch.cat([cell, nxt.cell_of_row])
+            nxt = next(joining, None)
+        if layer == n_layers:
+            break
+        kw: dict[str, Any] = {}
+        if prefix is not None and layer in prefix.keys:
+            kw["past_key_values"] = KVCache()
+            kw["past_key_values"].keys[layer] = prefix.keys[layer][ex]
+            kw["past_key_values"].values[layer] = prefix.values[layer][ex]
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask[ex]
+        with model.hooks(fwd_hooks=row_hooks(ex, cell) if row_hooks else []):
+            x = model(inputs_embeds=x, start_at_layer=layer, stop_at_layer=layer + 1, **kw).last_hidden_state
+    return x, ex, cell
 
 
 def start_layer(cell: Sequence[Patch]) -> int:

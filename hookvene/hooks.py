@@ -25,6 +25,11 @@ HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
 NamesFilter = None | str | Iterable[str] | Callable[[str], bool]
 
 
+class StopForward(Exception):
+    """Raised by a hook function to end a forward pass early, once the run has produced what it was for (e.g. a
+    source run whose activations have all been read); the caller catches it."""
+
+
 class HookPoint(nn.Module):
     """Identity on a named activation; attached functions may read or replace it."""
 

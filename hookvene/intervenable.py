@@ -16,12 +16,9 @@ from torch import Tensor, nn
 
 from hookvene.components import Site, module_at, resolve
 from hookvene.config import IntervenableConfig, RepresentationConfig
+from hookvene.hooks import StopForward
 from hookvene.interventions import CollectIntervention, Intervention, LambdaIntervention, build_intervention
 from hookvene.locations import Selection, make_selection, parse_pair, parse_subspaces
-
-
-class StopForward(Exception):
-    """Raised inside a source run once every activation it was asked for has been read."""
 
 
 @dataclass

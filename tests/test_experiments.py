@@ -84,7 +84,8 @@ COMPONENTS = {
 def cell_by_cell(model, kind, clean, corrupted, metric):
     """The sweep as one IntervenableModel call per cell: base = corrupted, sources = [clean], VanillaIntervention
     at the matching component; returns the grid in activation_patch's row/column order."""
-    cfg, b, n_pos = model.cfg, corrupted.shape[0], corrupted.shape[1]
+    ids_ = corrupted["input_ids"] if isinstance(corrupted, dict) else corrupted
+    cfg, b, n_pos = model.cfg, ids_.shape[0], ids_.shape[1]
     comp, unit = COMPONENTS[kind]
     rows = []
     for layer in range(cfg.n_layers):
@@ -131,6 +132,30 @@ def test_activation_patch_equals_cell_by_cell(model, reference_grids, kind):
     assert res.corrupted == pytest.approx(mean_metric(METRIC, model(CORRUPTED).logits), abs=ATOL)
     assert (ref - res.corrupted).abs().max() > 1e-3, "the sweep is trivial: no cell changes the metric"
     assert len(res.rows) == ref.shape[0] and len(res.cols) == ref.shape[1]
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "heads_pos", "pattern"])
+def test_shared_prefix_padding_and_plain_metrics(model, kind):
+    """Pairs that agree on their first 3 tokens, right padding, and a metric read at each example's last real
+    token: the sweep (which then recomputes only positions 3.. from a KV cache) equals the cell-by-cell loop;
+    so does a plain-function metric (no position known: nothing is skipped)."""
+    clean = ids(11, seq=7)
+    corrupted = clean.clone()
+    corrupted[:, 3:5] = ids(12, seq=2)
+    mask = torch.ones_like(clean)
+    mask[1, 6:] = 0
+    mask[2, 5:] = 0
+    last = mask.sum(1) - 1
+    metrics = [logit_diff(ANSWER, WRONG, pos=last)]
+    metrics.append(lambda logits, ex: logits[torch.arange(len(ex)), last[ex], 3] - logits[:, 0, 4])  # reads pos 0
+    for metric in metrics:
+        c, x = {"input_ids": clean, "attention_mask": mask}, {"input_ids": corrupted, "attention_mask": mask}
+        ref = cell_by_cell(model, kind, c, x, metric)
+        res = activation_patch(model, c, x, metric, kind=kind, batch_size=16)
+        assert (res.values - ref).abs().max().item() <= ATOL, kind
+        assert (ref - res.corrupted).abs().max() > 1e-3
+    if kind != "pattern":  # patching the shared prefix changes nothing
+        assert torch.allclose(res.values[:, :3], torch.full_like(res.values[:, :3], res.corrupted), atol=ATOL)
 
 
 def test_activation_patch_accepts_tokenizer_style_dicts(model):
@@ -513,3 +538,44 @@ def test_metrics_read_the_named_position(model):
     assert torch.allclose(ld, logits[ex, torch.tensor([0, 4, 2]), 4] - logits[ex, torch.tensor([0, 4, 2]), 9])
     assert kl_div(logits)(logits, ex).abs().max() < 1e-6
     assert (kl_div(logits)(model(CORRUPTED).logits, ex) > 0).all()
+
+
+# -- GPT-Neo: the sweeps' resume paths (KV-cached prefix, local windows, last block at one position) ------------------
+
+
+@pytest.fixture(scope="module")
+def neo_model():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(4)
+    cfg = GPTNeoConfig(vocab_size=N_VOCAB, max_position_embeddings=32, hidden_size=24, num_layers=3, num_heads=4,
+                       intermediate_size=40, attention_types=[[["global", "local"], 1], [["local"], 1]],
+                       window_size=3, resid_dropout=0.0, embed_dropout=0.0, attention_dropout=0.0)
+    hf = GPTNeoForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return hookvene.from_pretrained(hf)
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "heads", "mlp_out"])
+def test_activation_patch_on_gpt_neo(neo_model, kind):
+    clean = ids(21, seq=8)
+    corrupted = clean.clone()
+    corrupted[:, 4] = ids(22, seq=1)[:, 0]  # positions 0-3 shared: resumed from a KV cache, past the window of 3
+    ref = cell_by_cell(neo_model, kind, clean, corrupted, METRIC)
+    res = activation_patch(neo_model, clean, corrupted, METRIC, kind=kind, batch_size=8)
+    assert (res.values - ref).abs().max().item() <= ATOL
+    assert (ref - res.corrupted).abs().max() > 1e-3
+
+
+def test_causal_trace_on_gpt_neo(neo_model):
+    prompt, subject = ids(23, batch=1, seq=7), [2, 3]
+    scale = 3 * float(neo_model.embed.weight.detach().std())
+    for kind, window in (("resid", 1), ("mlp", 2)):
+        res = causal_trace(neo_model, prompt, subject, CT_TARGET, kind=kind, window=window, n_samples=3, seed=2)
+        ref, corrupted = manual_trace(neo_model, prompt, subject, CT_TARGET, kind, window, 3, 2, scale)
+        assert (res.values - ref).abs().max().item() <= ATOL
+        assert res.corrupted == pytest.approx(corrupted, abs=ATOL)
+        assert (ref - corrupted).abs().max() > 1e-4

@@ -118,8 +118,9 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
         def restore(ex: Tensor, cell: Tensor, cells: list = cells, stored: dict = stored) -> list:
             return patch_hooks(cells, cell, ex, stored)
         with torch.no_grad():
-            x, ex, cell = staggered_forward(model, entries, None if direct else restore, prefix, mask)
-            v = metric_values(model, {"inputs_embeds": x, "start_at_layer": n_layers}, metric, ex, offset=p)
+            x, ex, cell = staggered_forward(model, entries, None if direct else restore, prefix, mask,
+                                            last_position_only=True)
+            v = metric_values(model, {"inputs_embeds": x, "start_at_layer": n_layers}, metric, ex, offset=n_pos - 1)
         sums = torch.zeros(len(layers), dtype=v.dtype, device=v.device).index_add_(0, cell, v)
         values[layers, p] = (sums / n_samples).float().cpu()
     return SweepResult(values, f"causal_trace:{kind}", "prob", "layer", "position",

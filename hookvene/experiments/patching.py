@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hookvene.experiments.metrics import Metric
+from hookvene.experiments.metrics import Metric, PositionMetric
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, run_cells
+from hookvene.experiments.sweep import Patch, Resume, run_cells
+from hookvene.models._common import KVCache
 
 
 @dataclass(frozen=True)
@@ -81,35 +82,76 @@ def _check_pair(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> None:
                          f"position by position")
 
 
+def _shared_prefix(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> int:
+    """How many leading positions have the same inputs (ids, padding mask, position ids) in every example of both
+    runs. Attention is causal, so both runs compute the same activations there: patching them changes nothing."""
+    known = {"input_ids", "attention_mask", "position_ids"}
+    if set(clean) - known or set(corrupted) - known:
+        return 0  # inputs we cannot reason about
+    ids = clean["input_ids"]
+    same = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+    for key in known:
+        a, b = clean.get(key), corrupted.get(key)
+        if key == "attention_mask" and (a is None) != (b is None):
+            a, b = (torch.ones_like(ids) if a is None else a), (torch.ones_like(ids) if b is None else b)
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            return 0
+        same &= (a == b).all(dim=0)
+    return int(same.long().cumprod(0).sum())
+
+
 def _baselines(model: nn.Module, clean: dict[str, Tensor], corrupted: dict[str, Tensor], metric: Metric,
-               hooks: list[str]) -> tuple[dict[str, Tensor], float, float, dict[int, Tensor]]:
-    """Clean activations at `hooks`, both baselines, and the corrupted run's residual stream entering every
-    block (so sweeps can resume there instead of recomputing the blocks before a cell's patch)."""
+               hooks: list[str], offset: int = 0) -> tuple[dict[str, Tensor], float, float, Resume]:
+    """Clean activations at `hooks`, both baselines, and the corrupted run to resume sweeps from: its residual
+    stream entering every block at positions `offset`.., with its keys and values before that."""
     resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
     with torch.no_grad():
         out, cache = model.run_with_cache(**clean, names_filter=hooks)
-        corrupted_out, corrupted_cache = model.run_with_cache(**corrupted, names_filter=resid)
+        corrupted_out, corrupted_cache = model.run_with_cache(**corrupted, names_filter=resid, use_cache=offset > 0)
     ex = torch.arange(out.logits.shape[0], device=out.logits.device)
     clean_m = metric(out.logits, ex).mean()
     corrupted_m = metric(corrupted_out.logits, ex).mean()
-    resume = {layer: corrupted_cache[h] for layer, h in enumerate(resid)}
+    prefix = None
+    if offset:
+        prefix, kv = KVCache(), corrupted_out.past_key_values
+        for layer in kv.keys:
+            prefix.keys[layer], prefix.values[layer] = kv.keys[layer][:, :offset], kv.values[layer][:, :offset]
+    states = {layer: corrupted_cache[h][:, offset:] for layer, h in enumerate(resid)}
+    resume = Resume(states, offset, prefix, corrupted.get("attention_mask"))
     return dict(cache), float(clean_m), float(corrupted_m), resume
 
 
 def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric, kind: str = "resid_pre",
                      batch_size: int = 64, progress: bool = False) -> SweepResult:
     """Exact patching sweep: for every cell, the mean metric of the corrupted run with that one clean activation
-    patched in. All cells x examples run as stacked batch rows, `batch_size` rows per forward pass."""
+    patched in. All cells x examples run as stacked batch rows, `batch_size` rows per forward pass.
+
+    With a metric read at one position (`PositionMetric`, e.g. `logit_diff`), the leading positions where clean
+    and corrupted inputs agree are computed once: cells patching there equal the corrupted baseline, and the
+    other cells recompute only the later positions."""
     k = _kind(kind)
     clean, corrupted = _as_inputs(clean), _as_inputs(corrupted)
     _check_pair(clean, corrupted)
-    cells, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
+    n_ex, n_pos = corrupted["input_ids"].shape
+    offset = 0
+    if isinstance(metric, PositionMetric):  # any other metric may read the logits at every position
+        read_at = metric.positions(torch.arange(n_ex, device=corrupted["input_ids"].device), n_pos)
+        offset = min(_shared_prefix(clean, corrupted), int(read_at.min()))
+    cells, rows, cols, row_label, col_label = _grid(model, k, n_pos)
     hooks = sorted({k.hook.format(layer=c[0]) for c in cells})
-    stored, clean_m, corrupted_m, resume = _baselines(model, clean, corrupted, metric, hooks)
-    patches = [[Patch(k.hook.format(layer=layer), tuple(fixed.get(d) for d in k.layout))] for layer, fixed in cells]
-    values = run_cells(model, corrupted, patches, stored, metric, batch_size, progress=progress and f"patch {kind}",
-                       resume=resume)
-    return SweepResult(values.view(len(rows), len(cols)).cpu(), kind, getattr(metric, "__name__", "metric"),
+    stored, clean_m, corrupted_m, resume = _baselines(model, clean, corrupted, metric, hooks, offset)
+    pos_dim = next((i + 1 for i, d in enumerate(k.layout) if d in ("pos", "q")), None)  # query positions
+    stored = {h: v.narrow(pos_dim, offset, n_pos - offset) for h, v in stored.items()}
+    live = [i for i, (_, fixed) in enumerate(cells) if fixed.get("pos", offset) >= offset]
+    patches = [[Patch(k.hook.format(layer=layer), tuple(fixed.get(d) - offset if d == "pos" and d in fixed
+                                                        else fixed.get(d) for d in k.layout))]
+               for layer, fixed in (cells[i] for i in live)]
+    values = torch.full((len(cells),), corrupted_m, dtype=torch.float64 if model.dtype == torch.float64 else None)
+    values[live] = run_cells(model, patches, stored, metric, resume, batch_size,
+                             progress=progress and f"patch {kind}").cpu().to(values.dtype)
+    return SweepResult(values.view(len(rows), len(cols)), kind, getattr(metric, "__name__", "metric"),
                        row_label, col_label, rows, cols, clean_m, corrupted_m)
 
 

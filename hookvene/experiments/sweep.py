@@ -5,6 +5,10 @@ run's residual stream at layer 3, position 5). A sweep over C cells and B exampl
 the batch dimension and run in chunks of `batch_size` rows; each row's hook functions write only that row. The
 stored activations come from one cached run, so nothing is recomputed per cell, and nothing calls `.item()`
 inside the loop: the metric is reduced on the device and read once at the end.
+
+Cells skip what cannot change: each resumes from the unpatched run's residual stream at the first block it
+patches (`Resume`), positions that no patch can reach come from a KV cache, and rows resuming at different blocks
+share one staggered forward pass (`staggered_forward`).
 """
 
 import re
@@ -16,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from hookvene.experiments.metrics import Metric, PositionMetric
+from hookvene.hooks import StopForward
 from hookvene.models._common import KVCache
 
 RowHooks = Callable[[Tensor, Tensor], list[tuple[str, Callable]]]  # (example idx, cell idx) per row -> hooks
@@ -112,8 +117,8 @@ class Entry:
 
 
 def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: RowHooks | None = None,
-                      prefix: KVCache | None = None,
-                      attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      prefix: KVCache | None = None, attention_mask: Tensor | None = None,
+                      last_position_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Run rows that resume at different blocks as one growing batch, one block at a time.
 
     At block l the batch holds every row that entered at or before l, so cells that resume late share the
@@ -123,6 +128,10 @@ def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: Row
     before the rows' first one, for runs that recompute only a suffix of the prompt; `attention_mask` is per
     example and covers those too. Returns the residual stream after the last block (rows, pos, d_model) with
     each row's example and cell index, rows in order of entry.
+
+    `last_position_only`: only the final position's output will be read, so the last block computes keys and
+    values at every position but the rest of the block (attention output, MLP) at the final position only,
+    unless a row hook acts inside that block; the returned stream then has that one position.
     """
     n_layers = model.cfg.n_layers
     entries = sorted(entries, key=lambda e: e.layer)
@@ -131,66 +140,105 @@ def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: Row
     nxt = next(joining, None)
     for layer in range(entries[0].layer, n_layers + 1):
         while nxt is not None and nxt.layer == layer:
-            x, ex = torch.cat([x, nxt.state]), torch.cat([ex, nxt.example_of_row])
+            state = nxt.state[:, -x.shape[1]:]  # rows joining after the last block: x may be cut to one position
+            x, ex = torch.cat([x, state]), torch.cat([ex, nxt.example_of_row])
             cell = torch.cat([cell, nxt.cell_of_row])
             nxt = next(joining, None)
         if layer == n_layers:
             break
-        kw: dict[str, Any] = {}
+        cache = None
         if prefix is not None and layer in prefix.keys:
-            kw["past_key_values"] = KVCache()
-            kw["past_key_values"].keys[layer] = prefix.keys[layer][ex]
-            kw["past_key_values"].values[layer] = prefix.values[layer][ex]
-        if attention_mask is not None:
-            kw["attention_mask"] = attention_mask[ex]
-        with model.hooks(fwd_hooks=row_hooks(ex, cell) if row_hooks else []):
-            x = model(inputs_embeds=x, start_at_layer=layer, stop_at_layer=layer + 1, **kw).last_hidden_state
+            cache = KVCache()
+            cache.keys[layer], cache.values[layer] = prefix.keys[layer][ex], prefix.values[layer][ex]
+        mask = attention_mask[ex] if attention_mask is not None else None
+        hooks = row_hooks(ex, cell) if row_hooks else []
+        if last_position_only and layer == n_layers - 1 and not any(h.startswith(f"blocks.{layer}.") for h, _ in hooks):
+            x = _last_block_at_last_position(model, x, cache, mask)
+            continue
+        with model.hooks(fwd_hooks=hooks):
+            x = model(inputs_embeds=x, start_at_layer=layer, stop_at_layer=layer + 1, past_key_values=cache,
+                      attention_mask=mask).last_hidden_state
+    if last_position_only:
+        x = x[:, -1:]
     return x, ex, cell
 
 
+def _last_block_at_last_position(model: nn.Module, x: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+    """The last block's output at the final position only: first the earlier positions through the key/value
+    projections into a KV cache (the run stops at hook_z, before the output projection and MLP), then the final
+    position through the whole block, attending to that cache. Hooks of this block see the two parts apart."""
+    layer, cache = model.cfg.n_layers - 1, cache if cache is not None else KVCache()
+
+    def stop(z: Tensor, hook: Any) -> None:
+        raise StopForward
+
+    if x.shape[1] > 1:
+        try:
+            with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", stop)]):
+                model(inputs_embeds=x[:, :-1], start_at_layer=layer, past_key_values=cache,
+                      attention_mask=None if mask is None else mask[:, :-1])
+        except StopForward:
+            pass
+    return model(inputs_embeds=x[:, -1:], start_at_layer=layer, stop_at_layer=layer + 1, past_key_values=cache,
+                 attention_mask=mask).last_hidden_state
+
+
 def start_layer(cell: Sequence[Patch]) -> int:
-    """The first block a cell touches (0 if any patch is outside the blocks)."""
+    """The first block a cell touches."""
     layers = [re.match(r"blocks\.(\d+)\.", p.hook) for p in cell]
-    return min((int(m.group(1)) if m else 0 for m in layers), default=0)
+    if not all(layers):
+        raise ValueError(f"sweep cells resume at a block, so every patch must be inside one; got "
+                         f"{[p.hook for p, m in zip(cell, layers) if not m]}")
+    return min(int(m.group(1)) for m in layers)
 
 
-def run_cells(model: nn.Module, inputs: dict[str, Tensor], cells: Sequence[Sequence[Patch]], stored: dict[str, Tensor],
-              metric: Metric, batch_size: int = 64, row_hooks: RowHooks | None = None,
-              progress: bool | str = False, resume: dict[int, Tensor] | None = None) -> Tensor:
-    """Mean metric over the examples of `inputs` for each cell; returns a (len(cells),) tensor.
+@dataclass
+class Resume:
+    """The unpatched run that sweep cells resume from: `states[l]` is its residual stream entering block l at
+    positions `offset`.. (examples, pos, d_model); `prefix` its keys and values at positions < offset, and
+    `attention_mask` its padding mask (over all positions)."""
 
-    `stored[hook]` holds (B, ...) activations for the B examples; `row_hooks` adds per-chunk hooks that depend on
-    the rows (e.g. causal tracing's noise). `batch_size` is the number of rows per forward pass (memory budget).
-    `resume[l]` (optional) is the residual stream entering block l on the unpatched run, (B, pos, d_model): a
-    cell whose first patch is in block l then starts there, skipping blocks that would compute the same values
-    for every cell; cells are grouped by that layer.
+    states: dict[int, Tensor]
+    offset: int = 0
+    prefix: KVCache | None = None
+    attention_mask: Tensor | None = None
+
+
+def run_cells(model: nn.Module, cells: Sequence[Sequence[Patch]], stored: dict[str, Tensor], metric: Metric,
+              resume: Resume, batch_size: int = 64, progress: bool | str = False) -> Tensor:
+    """Mean metric over the examples for each cell; returns a (len(cells),) tensor.
+
+    `stored[hook]` holds the (examples, ...) activations patched in, cut to the same positions as the resumed
+    run. A cell resumes at the first block it patches (the blocks before compute the same values for every
+    cell); cells are taken in that order, `batch_size // examples` at a time, and run staggered (see
+    `staggered_forward`), so `batch_size` bounds the rows of one forward pass (the memory budget).
     """
     from tqdm.auto import tqdm
 
-    n_ex = next(iter(inputs.values())).shape[0]
+    n_ex = next(iter(resume.states.values())).shape[0]
     device = next(model.parameters()).device
-    starts = [start_layer(c) if resume else 0 for c in cells]
-    starts = [s if s in (resume or {}) else 0 for s in starts]
+    starts = [start_layer(c) for c in cells]
+    order = sorted(range(len(cells)), key=starts.__getitem__)
     per = max(1, batch_size // n_ex)
-    chunks = []
-    for s in sorted(set(starts)):
-        ids = [i for i, x in enumerate(starts) if x == s]
-        chunks += [(s, ids[i:i + per]) for i in range(0, len(ids), per)]
+    chunks = [order[i:i + per] for i in range(0, len(order), per)]
     out = torch.empty(len(cells), device=device, dtype=torch.float64 if model.dtype == torch.float64 else None)
+    examples = torch.arange(n_ex, device=device)
+    n_pos = resume.offset + next(iter(resume.states.values())).shape[1]
+    last_only = isinstance(metric, PositionMetric) and bool((metric.positions(examples, n_pos) == n_pos - 1).all())
+
+    def hooks(ex: Tensor, cell: Tensor) -> list:
+        return patch_hooks(cells, cell, ex, stored)
     bar = tqdm(chunks, desc=progress if isinstance(progress, str) else "sweep", disable=not progress, unit="chunk")
     with torch.no_grad():
-        for s, ids in bar:
-            cell_ids = torch.tensor(ids, device=device)
-            cell_of_row = cell_ids.repeat_interleave(n_ex)
-            example_of_row = torch.arange(n_ex, device=device).repeat(len(ids))
-            batch = {k: v[example_of_row] for k, v in inputs.items()}
-            if s:
-                batch = {"inputs_embeds": resume[s][example_of_row], "start_at_layer": s,
-                         **({"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {})}
-            hooks = patch_hooks(cells, cell_of_row, example_of_row, stored)
-            if row_hooks is not None:
-                hooks = row_hooks(example_of_row, cell_of_row) + hooks
-            with model.hooks(fwd_hooks=hooks):
-                values = metric_values(model, batch, metric, example_of_row)
-            out[cell_ids] = values.view(len(ids), n_ex).mean(dim=1).to(out.dtype)
+        for ids in bar:
+            entries = []
+            for s in sorted({starts[i] for i in ids}):
+                members = torch.tensor([i for i in ids if starts[i] == s], device=device)
+                ex = examples.repeat(len(members))
+                entries.append(Entry(s, resume.states[s][ex], ex, members.repeat_interleave(n_ex)))
+            x, ex, cell = staggered_forward(model, entries, hooks, resume.prefix, resume.attention_mask, last_only)
+            values = metric_values(model, {"inputs_embeds": x, "start_at_layer": model.cfg.n_layers}, metric, ex,
+                                   offset=n_pos - x.shape[1])
+            sums = torch.zeros(len(cells), dtype=out.dtype, device=device).index_add_(0, cell, values.to(out.dtype))
+            out[ids] = sums[ids] / n_ex
     return out

@@ -17,10 +17,15 @@ Metric = Callable[[Tensor, Tensor], Tensor]  # (logits (rows, pos, d_vocab), exa
 
 
 class PositionMetric:
-    """A metric of the logits at one position per example: `fn(final_logits (rows, d_vocab), ex) -> (rows,)`."""
+    """A metric of the logits at one position per example: `fn(final_logits (rows, d_vocab), ex) -> (rows,)`.
 
-    def __init__(self, name: str, fn: Callable[[Tensor, Tensor], Tensor], pos: int | Tensor) -> None:
-        self.__name__, self.fn, self.pos = name, fn, pos
+    With `tokens(ex) -> (rows, k)` token ids, the metric reads only those k logits: `fn` then gets them, in that
+    order, as (rows, k), and the sweeps compute just those k rows of the unembedding (logit differences need two
+    of GPT-2's 50257)."""
+
+    def __init__(self, name: str, fn: Callable[[Tensor, Tensor], Tensor], pos: int | Tensor,
+                 tokens: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.__name__, self.fn, self.pos, self.tokens = name, fn, pos, tokens
 
     def positions(self, ex: Int[Tensor, " rows"], n_pos: int) -> Int[Tensor, " rows"]:
         """The absolute position each row is read at."""
@@ -30,7 +35,11 @@ class PositionMetric:
 
     def __call__(self, logits: Float[Tensor, "rows pos d_vocab"], ex: Int[Tensor, " rows"]) -> Tensor:
         rows = torch.arange(logits.shape[0], device=logits.device)
-        return self.fn(logits[rows, self.positions(ex, logits.shape[1])], ex)
+        return self.read(logits[rows, self.positions(ex, logits.shape[1])], ex)
+
+    def read(self, final_logits: Float[Tensor, "rows d_vocab"], ex: Int[Tensor, " rows"]) -> Tensor:
+        """The metric from each row's full logits at its position."""
+        return self.fn(final_logits if self.tokens is None else final_logits.gather(1, self.tokens(ex)), ex)
 
 
 def _ids(x: int | Sequence[int] | Tensor, ex: Tensor) -> Tensor:
@@ -41,10 +50,12 @@ def _ids(x: int | Sequence[int] | Tensor, ex: Tensor) -> Tensor:
 def logit_diff(answer: int | Sequence[int] | Tensor, wrong: int | Sequence[int] | Tensor,
                pos: int | Tensor = -1) -> PositionMetric:
     """logit[answer] - logit[wrong] (per example ids, or one id for all), e.g. IOI's logit[IO] - logit[S]."""
-    def fn(last: Tensor, ex: Tensor) -> Tensor:
-        a, w = _ids(answer, ex), _ids(wrong, ex)
-        return last.gather(1, a[:, None]).squeeze(1) - last.gather(1, w[:, None]).squeeze(1)
-    return PositionMetric("logit_diff", fn, pos)
+    def tokens(ex: Tensor) -> Tensor:
+        return torch.stack([_ids(answer, ex), _ids(wrong, ex)], dim=1)
+
+    def fn(pair: Tensor, ex: Tensor) -> Tensor:
+        return pair[:, 0] - pair[:, 1]
+    return PositionMetric("logit_diff", fn, pos, tokens)
 
 
 def prob(target: int | Sequence[int] | Tensor, pos: int | Tensor = -1) -> PositionMetric:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from hookvene.experiments.metrics import Metric, PositionMetric
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, Resume, run_cells
+from hookvene.experiments.sweep import Patch, Resume, metric_values, run_cells
 from hookvene.models._common import KVCache
 
 
@@ -106,13 +106,15 @@ def _baselines(model: nn.Module, clean: dict[str, Tensor], corrupted: dict[str, 
                hooks: list[str], offset: int = 0) -> tuple[dict[str, Tensor], float, float, Resume]:
     """Clean activations at `hooks`, both baselines, and the corrupted run to resume sweeps from: its residual
     stream entering every block at positions `offset`.., with its keys and values before that."""
-    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        out, cache = model.run_with_cache(**clean, names_filter=hooks)
-        corrupted_out, corrupted_cache = model.run_with_cache(**corrupted, names_filter=resid, use_cache=offset > 0)
-    ex = torch.arange(out.logits.shape[0], device=out.logits.device)
-    clean_m = metric(out.logits, ex).mean()
-    corrupted_m = metric(corrupted_out.logits, ex).mean()
+    n_layers = model.cfg.n_layers
+    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    with torch.no_grad():  # both runs stop after the last block: the metric reads the unembedding where it needs it
+        out, cache = model.run_with_cache(**clean, names_filter=hooks, stop_at_layer=n_layers)
+        corrupted_out, corrupted_cache = model.run_with_cache(**corrupted, names_filter=resid, use_cache=offset > 0,
+                                                              stop_at_layer=n_layers)
+        ex = torch.arange(out.last_hidden_state.shape[0], device=out.last_hidden_state.device)
+        clean_m, corrupted_m = (metric_values(model, {"inputs_embeds": o.last_hidden_state, "start_at_layer": n_layers},
+                                              metric, ex).mean() for o in (out, corrupted_out))
     prefix = None
     if offset:
         prefix, kv = KVCache(), corrupted_out.past_key_values

@@ -102,7 +102,13 @@ def metric_values(model: nn.Module, batch: dict[str, Tensor], metric: Metric, ex
         hidden = _stack_forward(model)(**batch).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         at = metric.positions(example_of_row, offset + hidden.shape[1]) - offset
-        return metric.fn(model.unembed(hidden[rows, at]), example_of_row)
+        final = hidden[rows, at]
+        if metric.tokens is None:
+            return metric.fn(model.unembed(final), example_of_row)
+        ids = metric.tokens(example_of_row)  # only these rows of the unembedding
+        logits = torch.einsum("rd,rkd->rk", final, model.unembed.weight[ids])
+        bias = getattr(model.unembed, "bias", None)
+        return metric.fn(logits if bias is None else logits + bias[ids], example_of_row)
     return metric(model(**batch).logits, example_of_row)
 
 

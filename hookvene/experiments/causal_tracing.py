@@ -75,12 +75,14 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     batch = {k: v.expand(n_samples, *v.shape[1:]) for k, v in inputs.items()}
     metric = prob(target)
     samples = torch.arange(n_samples, device=ids.device)
-    with torch.no_grad():
-        out, cache = model.run_with_cache(**inputs, names_filter=hooks)
+    with torch.no_grad():  # both runs stop after the last block; the metric unembeds the last position only
+        out, cache = model.run_with_cache(**inputs, names_filter=hooks, stop_at_layer=n_layers)
         with model.hooks(fwd_hooks=[("hook_embed", add_noise)]):
-            noised_out, noised = model.run_with_cache(**batch, names_filter=entering, use_cache=True)
-    clean = float(metric(out.logits, torch.zeros(1, dtype=torch.long)).mean())
-    corrupted = float(metric(noised_out.logits, samples).mean())
+            noised_out, noised = model.run_with_cache(**batch, names_filter=entering, use_cache=True,
+                                                      stop_at_layer=n_layers)
+        clean, corrupted = (float(metric_values(model, {"inputs_embeds": o.last_hidden_state[:, -1:],
+                                                        "start_at_layer": n_layers}, metric, rows, n_pos - 1).mean())
+                            for o, rows in ((out, samples[:1]), (noised_out, samples)))
 
     def layers_for(layer: int) -> range:
         return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))

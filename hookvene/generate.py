@@ -139,10 +139,11 @@ def intervened_generate(iv: Any, base: Any, sources: Any = None, unit_locations:
     """IntervenableModel.generate: returns `(original ids or None, intervened ids)`, or with a Collect
     intervention `((original, collected activations), intervened ids)`. See the module docstring for when
     interventions apply; `**kwargs` go to `generate` (max_new_tokens, max_length, do_sample, temperature, ...)."""
-    from hookvene.intervenable import _as_inputs, flatten_collected
+    from hookvene.intervenable import flatten_collected
     from hookvene.interventions import CollectIntervention
+    from hookvene.utils import as_inputs
 
-    base = _as_inputs(base)
+    base = as_inputs(base)
     input_ids, mask = base["input_ids"], base.get("attention_mask")
     if intervene_on_generated is None:
         intervene_on_generated = unit_locations is None

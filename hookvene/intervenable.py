@@ -19,6 +19,7 @@ from hookvene.config import IntervenableConfig, RepresentationConfig
 from hookvene.hooks import StopForward
 from hookvene.interventions import CollectIntervention, Intervention, LambdaIntervention, build_intervention
 from hookvene.locations import Selection, make_selection, parse_pair, parse_subspaces
+from hookvene.utils import as_inputs
 
 
 @dataclass
@@ -103,15 +104,6 @@ def _batch_size(inputs: Mapping[str, Any]) -> int:
         if isinstance(v, Tensor):
             return v.shape[0]
     raise ValueError("inputs hold no tensor: pass the tokenizer's output (a dict with input_ids) or inputs_embeds")
-
-
-def _as_inputs(x: Any) -> dict[str, Any]:
-    if isinstance(x, Tensor):
-        return {"input_ids": x}
-    if isinstance(x, Mapping):
-        return dict(x)
-    raise ValueError(f"model inputs must be a dict of tensors (a tokenizer's output) or a tensor, "
-                     f"not {type(x).__name__}")
 
 
 # -- views: how pyvene saw each hook tensor (see components.py) ----------------------------------------------------
@@ -243,7 +235,7 @@ class IntervenableModel(nn.Module):
         if len(sources) != self.n_groups:
             raise ValueError(f"{len(sources)} sources for {self.n_groups} intervention groups; pass one source per "
                              f"group (None skips that group) or a single source for all")
-        return [None if s is None else _as_inputs(s) for s in sources]
+        return [None if s is None else as_inputs(s) for s in sources]
 
     def _given(self, reps: Any) -> list[Tensor | None]:
         n = len(self.slots)
@@ -449,7 +441,7 @@ class IntervenableModel(nn.Module):
         `((original_outputs, collected_activations), intervened_outputs)`; with `return_dict=True` an
         IntervenableModelOutput. `original_outputs` is None unless `output_original_output=True`.
         """
-        base = _as_inputs(base)
+        base = as_inputs(base)
         srcs = self._sources(sources)
         given = self._given(source_representations if source_representations is not None else activations_sources)
         plans = self._plan(base, srcs, unit_locations, subspaces, given)

@@ -1,11 +1,23 @@
-"""Small helpers from pyvene's public surface: `embed_to_distrib`, `top_vals`, `format_token`, `set_seed`."""
+"""Small helpers from pyvene's public surface (`embed_to_distrib`, `top_vals`, `format_token`, `set_seed`) and
+`as_inputs`, the one place model inputs are normalised."""
 
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+
+
+def as_inputs(x: Any) -> dict[str, Any]:
+    """Model keyword inputs from a token tensor (batch, pos) or a tokenizer's output (any mapping)."""
+    if isinstance(x, Tensor):
+        return {"input_ids": x}
+    if isinstance(x, Mapping):
+        return dict(x)
+    raise ValueError(f"model inputs must be a dict of tensors (a tokenizer's output) or a tensor, "
+                     f"not {type(x).__name__}")
 
 
 def unembedding_weight(model: nn.Module) -> Tensor:

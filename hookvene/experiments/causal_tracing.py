@@ -24,6 +24,7 @@ from hookvene.experiments.metrics import prob
 from hookvene.experiments.results import SweepResult
 from hookvene.experiments.sweep import Entry, Patch, metric_values, patch_hooks, staggered_forward
 from hookvene.models._common import KVCache
+from hookvene.utils import as_inputs
 
 STATES = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
           "attn": "blocks.{layer}.hook_attn_out"}
@@ -47,7 +48,7 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     """
     if kind not in STATES:
         raise ValueError(f"kind must be one of {list(STATES)}, got {kind!r}")
-    inputs = {"input_ids": inputs} if isinstance(inputs, Tensor) else dict(inputs)
+    inputs = as_inputs(inputs)
     ids = inputs["input_ids"]
     if ids.shape[0] != 1:
         raise ValueError(f"causal_trace takes one prompt, got a batch of {ids.shape[0]}")

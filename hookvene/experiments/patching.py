@@ -25,6 +25,7 @@ from hookvene.experiments.metrics import Metric, PositionMetric
 from hookvene.experiments.results import SweepResult
 from hookvene.experiments.sweep import Patch, Resume, metric_values, run_cells
 from hookvene.models._common import KVCache
+from hookvene.utils import as_inputs
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,6 @@ KINDS = {
     "heads_pos": Kind("blocks.{layer}.attn.hook_z", ("pos", "head", "d"), ("head", "pos")),
     "pattern": Kind("blocks.{layer}.attn.hook_pattern", ("head", "q", "k"), ("head",)),
 }
-
-
-def _as_inputs(x: Any) -> dict[str, Tensor]:
-    return {"input_ids": x} if isinstance(x, Tensor) else dict(x)
 
 
 def _kind(kind: str) -> Kind:
@@ -134,7 +131,7 @@ def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metri
     and corrupted inputs agree are computed once: cells patching there equal the corrupted baseline, and the
     other cells recompute only the later positions."""
     k = _kind(kind)
-    clean, corrupted = _as_inputs(clean), _as_inputs(corrupted)
+    clean, corrupted = as_inputs(clean), as_inputs(corrupted)
     _check_pair(clean, corrupted)
     n_ex, n_pos = corrupted["input_ids"].shape
     offset = 0
@@ -163,7 +160,7 @@ def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metr
     clean forward, one corrupted forward and one backward: metric(corrupted) + sum((clean - corrupted) * grad).
     Exact when the metric is linear in the patched activation; the values are comparable to the exact sweep's."""
     k = _kind(kind)
-    clean, corrupted = _as_inputs(clean), _as_inputs(corrupted)
+    clean, corrupted = as_inputs(clean), as_inputs(corrupted)
     _check_pair(clean, corrupted)
     cells, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
     layers = sorted({c[0] for c in cells})

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from hookvene.experiments.metrics import Metric
-from hookvene.experiments.patching import _as_inputs, _baselines, _check_pair
+from hookvene.experiments.patching import _baselines, _check_pair
 from hookvene.experiments.results import SweepResult
 from hookvene.experiments.sweep import Patch, metric_values, patch_hooks
+from hookvene.utils import as_inputs
 
 Z = "blocks.{layer}.attn.hook_z"
 
@@ -36,7 +37,7 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
                receivers: str | Sequence[tuple[str, int]] = "logits",
                senders: Sequence[tuple[int, int]] | None = None, batch_size: int = 64) -> SweepResult:
     """Path-patching effect of each sender head (default: every head) through `receivers` (see module doc)."""
-    clean, corrupted = _as_inputs(clean), _as_inputs(corrupted)
+    clean, corrupted = as_inputs(clean), as_inputs(corrupted)
     _check_pair(clean, corrupted)
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads

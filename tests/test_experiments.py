@@ -579,3 +579,19 @@ def test_causal_trace_on_gpt_neo(neo_model):
         assert (res.values - ref).abs().max().item() <= ATOL
         assert res.corrupted == pytest.approx(corrupted, abs=ATOL)
         assert (ref - corrupted).abs().max() > 1e-4
+
+
+def test_models_the_sweeps_cannot_run_raise_clearly():
+    from transformers import GPT2Model, T5Config, T5ForConditionalGeneration
+
+    t5 = hookvene.from_pretrained(T5ForConditionalGeneration(T5Config(vocab_size=N_VOCAB, d_model=16, d_kv=4,
+                                                                       d_ff=32, num_layers=1, num_heads=4)))
+    base = hookvene.from_pretrained(GPT2Model(tiny_gpt2(n_layer=1).config))  # no LM head: no logits to measure
+    runs = {"activation_patch": lambda m: activation_patch(m, CLEAN, CORRUPTED, METRIC),
+            "attribution_patch": lambda m: attribution_patch(m, CLEAN, CORRUPTED, METRIC),
+            "path_patch": lambda m: path_patch(m, CLEAN, CORRUPTED, METRIC),
+            "causal_trace": lambda m: causal_trace(m, CT_PROMPT, CT_SUBJECT, CT_TARGET)}
+    for m in (t5, base):
+        for name, run in runs.items():
+            with pytest.raises(ValueError, match=f"{name} works on .*decoder-only.*got {type(m).__name__}"):
+                run(m)

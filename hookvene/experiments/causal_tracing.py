@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from hookvene.experiments.metrics import prob
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Entry, Patch, metric_values, patch_hooks, staggered_forward
+from hookvene.experiments.sweep import Entry, Patch, check_model, metric_values, patch_hooks, staggered_forward
 from hookvene.models._common import KVCache
 from hookvene.utils import as_inputs
 
@@ -46,6 +46,7 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
         target: token id whose probability (at the last position) is traced.
         kind: "resid", "mlp" or "attn"; window: consecutive layers restored (default 1 for resid, 10 otherwise).
     """
+    check_model(model, "causal_trace")
     if kind not in STATES:
         raise ValueError(f"kind must be one of {list(STATES)}, got {kind!r}")
     inputs = as_inputs(inputs)

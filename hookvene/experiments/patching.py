@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from hookvene.experiments.metrics import Metric, PositionMetric
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, Resume, metric_values, run_cells
+from hookvene.experiments.sweep import Patch, Resume, check_model, metric_values, run_cells
 from hookvene.models._common import KVCache
 from hookvene.utils import as_inputs
 
@@ -130,6 +130,7 @@ def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metri
     With a metric read at one position (`PositionMetric`, e.g. `logit_diff`), the leading positions where clean
     and corrupted inputs agree are computed once: cells patching there equal the corrupted baseline, and the
     other cells recompute only the later positions."""
+    check_model(model, "activation_patch")
     k = _kind(kind)
     clean, corrupted = as_inputs(clean), as_inputs(corrupted)
     _check_pair(clean, corrupted)
@@ -159,6 +160,7 @@ def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metr
     """Attribution patching (Nanda 2023): the first-order estimate of every cell of `activation_patch` from one
     clean forward, one corrupted forward and one backward: metric(corrupted) + sum((clean - corrupted) * grad).
     Exact when the metric is linear in the patched activation; the values are comparable to the exact sweep's."""
+    check_model(model, "attribution_patch")
     k = _kind(kind)
     clean, corrupted = as_inputs(clean), as_inputs(corrupted)
     _check_pair(clean, corrupted)

@@ -22,7 +22,7 @@ from torch import nn
 from hookvene.experiments.metrics import Metric
 from hookvene.experiments.patching import _baselines, _check_pair
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, metric_values, patch_hooks
+from hookvene.experiments.sweep import Patch, check_model, metric_values, patch_hooks
 from hookvene.utils import as_inputs
 
 Z = "blocks.{layer}.attn.hook_z"
@@ -37,6 +37,7 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
                receivers: str | Sequence[tuple[str, int]] = "logits",
                senders: Sequence[tuple[int, int]] | None = None, batch_size: int = 64) -> SweepResult:
     """Path-patching effect of each sender head (default: every head) through `receivers` (see module doc)."""
+    check_model(model, "path_patch")
     clean, corrupted = as_inputs(clean), as_inputs(corrupted)
     _check_pair(clean, corrupted)
     cfg = model.cfg

@@ -36,6 +36,16 @@ class Patch:
     store: str | None = None
 
 
+def check_model(model: nn.Module, what: str) -> None:
+    """The sweeps resume runs mid-model (`start_at_layer`) and read logits: decoder-only models with an LM head."""
+    from hookvene.models.gpt2 import GPT2LM
+    from hookvene.models.gpt_neo import GPTNeoLM
+
+    if not isinstance(model, (GPT2LM, GPTNeoLM)):
+        raise ValueError(f"{what} works on hookvene's decoder-only language models (GPT-2, GPT-Neo, with their LM "
+                         f"head); got {type(model).__name__}. For other models, patch with pv.IntervenableModel.")
+
+
 def _index(rows: Tensor, ints: Tensor, pattern: tuple[bool, ...], shape: Sequence[int]) -> tuple[Tensor, ...]:
     """Advanced index selecting, per row, the given ints at int dims and everything at None dims."""
     n, n_full = rows.shape[0], sum(1 for is_int in pattern if not is_int)

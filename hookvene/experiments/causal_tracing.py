@@ -94,11 +94,15 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     # p.. only, with the noised run's keys and values for positions < p (a KV cache), and the cells of one
     # position run as one staggered batch (see sweep.staggered_forward). Restoring the residual stream leaving
     # block l (window 1) is resuming at block l + 1 from the noised stream with position p's clean value.
-    # Before the first subject token the clean and noised runs agree, so those cells equal the corrupted baseline.
+    # Cells equal to the corrupted baseline are not run: before the first subject token the clean and noised runs
+    # agree, and restoring the last block's output at a position other than the last changes nothing read.
     values = torch.full((n_layers, n_pos), corrupted)
     direct = kind == "resid" and window == 1
     per = max(1, batch_size // n_samples)
-    jobs = [(p, list(range(n_layers))[i:i + per]) for p in range(min(subject), n_pos) for i in range(0, n_layers, per)]
+    jobs = []
+    for p in range(min(subject), n_pos):
+        layers = list(range(n_layers - 1 if direct and p < n_pos - 1 else n_layers))
+        jobs += [(p, layers[i:i + per]) for i in range(0, len(layers), per)]
     kv, mask = noised_out.past_key_values, batch.get("attention_mask")
     from tqdm.auto import tqdm
 

@@ -45,6 +45,7 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
         subject: positions of the subject tokens to corrupt.
         target: token id whose probability (at the last position) is traced.
         kind: "resid", "mlp" or "attn"; window: consecutive layers restored (default 1 for resid, 10 otherwise).
+        batch_size: the most rows in one forward pass (the memory budget); every cell has n_samples rows.
     """
     check_model(model, "causal_trace")
     if kind not in STATES:

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from hookvene.experiments.metrics import Metric, PositionMetric
 from hookvene.experiments.results import SweepResult
 from hookvene.experiments.sweep import Patch, Resume, check_model, metric_values, run_cells
-from hookvene.models._common import KVCache
 from hookvene.utils import as_inputs
 
 
@@ -100,25 +99,20 @@ def _shared_prefix(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> in
 
 
 def _baselines(model: nn.Module, clean: dict[str, Tensor], corrupted: dict[str, Tensor], metric: Metric,
-               hooks: list[str], offset: int = 0) -> tuple[dict[str, Tensor], float, float, Resume]:
-    """Clean activations at `hooks`, both baselines, and the corrupted run to resume sweeps from: its residual
-    stream entering every block at positions `offset`.., with its keys and values before that."""
+               hooks: list[str]) -> tuple[dict[str, Tensor], float, float, Resume]:
+    """Clean activations at `hooks`, both baselines, and the corrupted run to resume sweeps from (its residual
+    stream entering every block, its keys and values)."""
     n_layers = model.cfg.n_layers
     resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
     with torch.no_grad():  # both runs stop after the last block: the metric reads the unembedding where it needs it
         out, cache = model.run_with_cache(**clean, names_filter=hooks, stop_at_layer=n_layers)
-        corrupted_out, corrupted_cache = model.run_with_cache(**corrupted, names_filter=resid, use_cache=offset > 0,
+        corrupted_out, corrupted_cache = model.run_with_cache(**corrupted, names_filter=resid, use_cache=True,
                                                               stop_at_layer=n_layers)
         ex = torch.arange(out.last_hidden_state.shape[0], device=out.last_hidden_state.device)
         clean_m, corrupted_m = (metric_values(model, {"inputs_embeds": o.last_hidden_state, "start_at_layer": n_layers},
                                               metric, ex).mean() for o in (out, corrupted_out))
-    prefix = None
-    if offset:
-        prefix, kv = KVCache(), corrupted_out.past_key_values
-        for layer in kv.keys:
-            prefix.keys[layer], prefix.values[layer] = kv.keys[layer][:, :offset], kv.values[layer][:, :offset]
-    states = {layer: corrupted_cache[h][:, offset:] for layer, h in enumerate(resid)}
-    resume = Resume(states, offset, prefix, corrupted.get("attention_mask"))
+    states = {layer: corrupted_cache[h] for layer, h in enumerate(resid)}
+    resume = Resume(states, corrupted_out.past_key_values, corrupted.get("attention_mask"))
     return dict(cache), float(clean_m), float(corrupted_m), resume
 
 
@@ -127,30 +121,41 @@ def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metri
     """Exact patching sweep: for every cell, the mean metric of the corrupted run with that one clean activation
     patched in. All cells x examples run as stacked batch rows, `batch_size` rows per forward pass.
 
-    With a metric read at one position (`PositionMetric`, e.g. `logit_diff`), the leading positions where clean
-    and corrupted inputs agree are computed once: cells patching there equal the corrupted baseline, and the
-    other cells recompute only the later positions."""
+    With a metric read at one position (`PositionMetric`, e.g. `logit_diff`), positions before a cell's patch
+    are not recomputed (attention is causal: they come from the corrupted run's KV cache), and cells patching
+    where clean and corrupted inputs agree equal the corrupted baseline without running."""
     check_model(model, "activation_patch")
     k = _kind(kind)
     clean, corrupted = as_inputs(clean), as_inputs(corrupted)
     _check_pair(clean, corrupted)
     n_ex, n_pos = corrupted["input_ids"].shape
-    offset = 0
-    if isinstance(metric, PositionMetric):  # any other metric may read the logits at every position
-        read_at = metric.positions(torch.arange(n_ex, device=corrupted["input_ids"].device), n_pos)
-        offset = min(_shared_prefix(clean, corrupted), int(read_at.min()))
     cells, rows, cols, row_label, col_label = _grid(model, k, n_pos)
     hooks = sorted({k.hook.format(layer=c[0]) for c in cells})
-    stored, clean_m, corrupted_m, resume = _baselines(model, clean, corrupted, metric, hooks, offset)
-    pos_dim = next((i + 1 for i, d in enumerate(k.layout) if d in ("pos", "q")), None)  # query positions
-    stored = {h: v.narrow(pos_dim, offset, n_pos - offset) for h, v in stored.items()}
-    live = [i for i, (_, fixed) in enumerate(cells) if fixed.get("pos", offset) >= offset]
-    patches = [[Patch(k.hook.format(layer=layer), tuple(fixed.get(d) - offset if d == "pos" and d in fixed
-                                                        else fixed.get(d) for d in k.layout))]
-               for layer, fixed in (cells[i] for i in live)]
+    stored, clean_m, corrupted_m, resume = _baselines(model, clean, corrupted, metric, hooks)
+
+    # Where each cell can start: never after the position it patches nor after a position the metric reads, and
+    # at the first position where clean and corrupted inputs differ at the earliest. Any other metric may read
+    # every position's logits, so its cells start at 0.
+    shared, read_min = 0, 0
+    if isinstance(metric, PositionMetric):
+        read_min = int(metric.positions(torch.arange(n_ex, device=corrupted["input_ids"].device), n_pos).min())
+        shared = min(_shared_prefix(clean, corrupted), read_min)
+    starts = [min(fixed["pos"], read_min) if "pos" in fixed else shared for _, fixed in cells]
+    live = [i for i, (_, fixed) in enumerate(cells) if fixed.get("pos", shared) >= shared]
+    pos_dim = next(i + 1 for i, d in enumerate(k.layout) if d in ("pos", "q"))  # query positions in `stored`
     values = torch.full((len(cells),), corrupted_m, dtype=torch.float64 if model.dtype == torch.float64 else None)
-    values[live] = run_cells(model, patches, stored, metric, resume, batch_size,
-                             progress=progress and f"patch {kind}").cpu().to(values.dtype)
+    groups = sorted({starts[i] for i in live})
+    from tqdm.auto import tqdm
+
+    for offset in tqdm(groups, desc=f"patch {kind}", disable=not progress or len(groups) == 1, unit="position"):
+        ids = [i for i in live if starts[i] == offset]
+        shift = {"pos": offset}  # patch indices count from the first recomputed position
+        patches = [[Patch(k.hook.format(layer=layer), tuple(fixed[d] - shift.get(d, 0) if d in fixed else None
+                                                            for d in k.layout))] for layer, fixed in
+                   (cells[i] for i in ids)]
+        cut = {h: v.narrow(pos_dim, offset, n_pos - offset) for h, v in stored.items()}
+        values[ids] = run_cells(model, patches, cut, metric, resume, offset, batch_size,
+                                progress=progress and len(groups) == 1 and f"patch {kind}").cpu().to(values.dtype)
     return SweepResult(values.view(len(rows), len(cols)), kind, getattr(metric, "__name__", "metric"),
                        row_label, col_label, rows, cols, clean_m, corrupted_m)
 

@@ -7,7 +7,7 @@ stored activations come from one cached run, so nothing is recomputed per cell, 
 inside the loop: the metric is reduced on the device and read once at the end.
 
 Cells skip what cannot change: each resumes from the unpatched run's residual stream at the first block it
-patches (`Resume`), positions that no patch can reach come from a KV cache, and rows resuming at different blocks
+patches (`Resume`), positions before any patch come from a KV cache, and rows resuming at different blocks
 share one staggered forward pass (`staggered_forward`).
 """
 
@@ -210,28 +210,40 @@ def start_layer(cell: Sequence[Patch]) -> int:
 
 @dataclass
 class Resume:
-    """The unpatched run that sweep cells resume from: `states[l]` is its residual stream entering block l at
-    positions `offset`.. (examples, pos, d_model); `prefix` its keys and values at positions < offset, and
-    `attention_mask` its padding mask (over all positions)."""
+    """The unpatched run that sweep cells resume from: `states[l]` is its residual stream entering block l
+    (examples, pos, d_model), `kv` its keys and values (needed to resume after position 0), `attention_mask` its
+    padding mask."""
 
     states: dict[int, Tensor]
-    offset: int = 0
-    prefix: KVCache | None = None
+    kv: KVCache | None = None
     attention_mask: Tensor | None = None
+
+    def prefix(self, offset: int) -> KVCache | None:
+        """Keys and values of the positions before `offset`."""
+        if not offset:
+            return None
+        if self.kv is None:
+            raise ValueError("resuming after position 0 needs the unpatched run's keys and values (Resume.kv)")
+        cut = KVCache()
+        for layer in self.kv.keys:
+            cut.keys[layer], cut.values[layer] = self.kv.keys[layer][:, :offset], self.kv.values[layer][:, :offset]
+        return cut
 
 
 def run_cells(model: nn.Module, cells: Sequence[Sequence[Patch]], stored: dict[str, Tensor], metric: Metric,
-              resume: Resume, batch_size: int = 64, progress: bool | str = False) -> Tensor:
+              resume: Resume, offset: int = 0, batch_size: int = 64, progress: bool | str = False) -> Tensor:
     """Mean metric over the examples for each cell; returns a (len(cells),) tensor.
 
-    `stored[hook]` holds the (examples, ...) activations patched in, cut to the same positions as the resumed
-    run. A cell resumes at the first block it patches (the blocks before compute the same values for every
-    cell); cells are taken in that order, `batch_size // examples` at a time, and run staggered (see
-    `staggered_forward`), so `batch_size` bounds the rows of one forward pass (the memory budget).
+    Every cell resumes at position `offset` (earlier positions come from the KV cache: no cell may patch them,
+    and the metric may not read them), at the first block it patches (the blocks before compute the same values
+    for every cell). `stored[hook]` holds the (examples, ...) activations patched in, cut to positions `offset`..
+    like the run, and patch indices count from there. Cells are taken in order of their first block,
+    `batch_size // examples` at a time, and run staggered (see `staggered_forward`), so `batch_size` bounds the
+    rows of one forward pass (the memory budget).
     """
     from tqdm.auto import tqdm
 
-    n_ex = next(iter(resume.states.values())).shape[0]
+    n_ex, n_pos = next(iter(resume.states.values())).shape[:2]
     device = next(model.parameters()).device
     starts = [start_layer(c) for c in cells]
     order = sorted(range(len(cells)), key=starts.__getitem__)
@@ -239,8 +251,8 @@ def run_cells(model: nn.Module, cells: Sequence[Sequence[Patch]], stored: dict[s
     chunks = [order[i:i + per] for i in range(0, len(order), per)]
     out = torch.empty(len(cells), device=device, dtype=torch.float64 if model.dtype == torch.float64 else None)
     examples = torch.arange(n_ex, device=device)
-    n_pos = resume.offset + next(iter(resume.states.values())).shape[1]
     last_only = isinstance(metric, PositionMetric) and bool((metric.positions(examples, n_pos) == n_pos - 1).all())
+    prefix = resume.prefix(offset)
 
     def hooks(ex: Tensor, cell: Tensor) -> list:
         return patch_hooks(cells, cell, ex, stored)
@@ -251,8 +263,8 @@ def run_cells(model: nn.Module, cells: Sequence[Sequence[Patch]], stored: dict[s
             for s in sorted({starts[i] for i in ids}):
                 members = torch.tensor([i for i in ids if starts[i] == s], device=device)
                 ex = examples.repeat(len(members))
-                entries.append(Entry(s, resume.states[s][ex], ex, members.repeat_interleave(n_ex)))
-            x, ex, cell = staggered_forward(model, entries, hooks, resume.prefix, resume.attention_mask, last_only)
+                entries.append(Entry(s, resume.states[s][ex, offset:], ex, members.repeat_interleave(n_ex)))
+            x, ex, cell = staggered_forward(model, entries, hooks, prefix, resume.attention_mask, last_only)
             values = metric_values(model, {"inputs_embeds": x, "start_at_layer": model.cfg.n_layers}, metric, ex,
                                    offset=n_pos - x.shape[1])
             sums = torch.zeros(len(cells), dtype=out.dtype, device=device).index_add_(0, cell, values.to(out.dtype))

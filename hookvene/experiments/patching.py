@@ -133,9 +133,9 @@ def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metri
     hooks = sorted({k.hook.format(layer=c[0]) for c in cells})
     stored, clean_m, corrupted_m, resume = _baselines(model, clean, corrupted, metric, hooks)
 
-    # Where each cell can start: never after the position it patches nor after a position the metric reads, and
-    # at the first position where clean and corrupted inputs differ at the earliest. Any other metric may read
-    # every position's logits, so its cells start at 0.
+    # The first position each cell recomputes: the one it patches (or the earliest position the metric reads, if
+    # that comes first); for cells without a position, the first where clean and corrupted inputs differ. A metric
+    # that is not a PositionMetric may read every position's logits, so then every cell starts at 0.
     shared, read_min = 0, 0
     if isinstance(metric, PositionMetric):
         read_min = int(metric.positions(torch.arange(n_ex, device=corrupted["input_ids"].device), n_pos).min())

@@ -30,15 +30,6 @@ N_VOCAB, SEQ, BATCH = 101, 5, 3
 INIT = 0.2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is much faster and steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(n_layer=2, seed=0, init=INIT):
     return hookvene.from_pretrained(tiny_gpt2(seed=seed, n_layer=n_layer, initializer_range=init))
 

@@ -68,15 +68,6 @@ def hf_t5():
     return transformers.T5ForConditionalGeneration(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP synchronisation, which dominates on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pairs():
     """arch -> (transformers model, hookvene model sharing its weights)."""

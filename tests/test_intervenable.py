@@ -25,15 +25,6 @@ def make_model():
     return hookvene.from_pretrained(tiny_gpt2(n_layer=L))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On a busy 2-core machine, intra-op threading makes these tiny matmuls ~100x slower; use one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return make_model()

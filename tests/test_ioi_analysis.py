@@ -2,15 +2,12 @@
 
 import os
 
-import torch
-
 import hookvene
 from hookvene.experiments import ioi_analysis
 from hookvene.loading import load_tokenizer, resolve_path
 
 
 def test_ioi_analysis_on_the_bundled_model(tmp_path):
-    torch.set_num_threads(1)
     model = hookvene.from_pretrained("ioi-gpt2")
     tokenizer = load_tokenizer(resolve_path("ioi-gpt2"))
     report = ioi_analysis(model, tokenizer, n=32, out_dir=str(tmp_path), progress=False)

@@ -7,21 +7,11 @@ with `run_with_cache` / `run_with_hooks`. GRU, GPT-Neo generation and T5 cells a
 
 import json
 
-import pytest
 import torch
 
 import hookvene as pv
 
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On a busy 2-core machine, intra-op threading makes these small matmuls far slower; use one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def close(a, b, atol=ATOL):

@@ -8,15 +8,6 @@ from transformers import GPTNeoConfig, GPTNeoForCausalLM, T5Config, T5ForConditi
 
 import hookvene as pv
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- GRU cells --------------------------------------------------------------------------------------------------
 
 

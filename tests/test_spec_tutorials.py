@@ -16,15 +16,6 @@ ATOL_HF = 1e-4  # hookvene vs transformers on the same weights
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On a busy 2-core machine, intra-op threading makes these small matmuls far slower; use one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def close(a, b, atol=ATOL):
     assert a.shape == b.shape, (a.shape, b.shape)
     err = (a - b).abs().max().item()

@@ -35,15 +35,6 @@ def hf_t5(variant: str, cls_name: str = "T5ForConditionalGeneration", seed: int 
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request):
     hf = hf_t5(request.param)

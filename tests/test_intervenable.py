@@ -294,8 +294,8 @@ def test_base_key_flat_list_is_units(model):
     close(out.logits, run(model, BASE, [(hook, patch_hook([1, 3], None, lambda b, s: torch.zeros_like(b)))]))
 
 
-def test_per_example_positions(model):
-    pvm = pv.IntervenableModel({"layer": 1, "component": "block_output"}, model)
+def check_per_example_positions(model, pvm):
+    """Example 0 takes source position 1 into base position 3, example 1 source 2 into base 4."""
     src = cache(model, SRC)[RESID1]
 
     def hook(x, _):
@@ -306,22 +306,17 @@ def test_per_example_positions(model):
 
     _, out = pvm(B(), [B(SRC)], {"sources->base": ([[[1], [2]]], [[[3], [4]]])})
     close(out.logits, run(model, BASE, [(RESID1, hook)]))
+
+
+def test_per_example_positions(model):
+    check_per_example_positions(model, pv.IntervenableModel({"layer": 1, "component": "block_output"}, model))
 
 
 def test_per_example_positions_not_collapsed_after_a_shortcut(model):
     """pyvene's sticky use_fast made later per-example locations use example 0's; hookvene has no such state."""
     pvm = pv.IntervenableModel({"layer": 1, "component": "block_output"}, model)
     pvm(B(), [B(SRC)], {"sources->base": 3})
-    src = cache(model, SRC)[RESID1]
-
-    def hook(x, _):
-        x = x.clone()
-        x[0, 3] = src[0, 1]
-        x[1, 4] = src[1, 2]
-        return x
-
-    _, out = pvm(B(), [B(SRC)], {"sources->base": ([[[1], [2]]], [[[3], [4]]])})
-    close(out.logits, run(model, BASE, [(RESID1, hook)]))
+    check_per_example_positions(model, pvm)
 
 
 def test_per_example_subspaces(model):

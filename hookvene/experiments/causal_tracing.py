@@ -22,8 +22,15 @@ from torch import Tensor, nn
 
 from hookvene.experiments.metrics import prob
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Entry, Patch, check_model, metric_values, patch_hooks, staggered_forward
-from hookvene.models._common import KVCache
+from hookvene.experiments.sweep import (
+    Entry,
+    Patch,
+    Resume,
+    check_model,
+    metric_values,
+    patch_hooks,
+    staggered_forward,
+)
 from hookvene.utils import as_inputs
 
 STATES = {"resid": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
@@ -81,8 +88,8 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     with torch.no_grad():  # both runs stop after the last block; the metric unembeds the last position only
         out, cache = model.run_with_cache(**inputs, names_filter=hooks, stop_at_layer=n_layers)
         with model.hooks(fwd_hooks=[("hook_embed", add_noise)]):
-            noised_out, noised = model.run_with_cache(**batch, names_filter=entering, use_cache=True,
-                                                      stop_at_layer=n_layers)
+            noised_out, noised_cache = model.run_with_cache(**batch, names_filter=entering, use_cache=True,
+                                                            stop_at_layer=n_layers)
         clean, corrupted = (float(metric_values(model, {"inputs_embeds": o.last_hidden_state[:, -1:],
                                                         "start_at_layer": n_layers}, metric, rows, n_pos - 1).mean())
                             for o, rows in ((out, samples[:1]), (noised_out, samples)))
@@ -104,31 +111,29 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
     for p in range(min(subject), n_pos):
         layers = list(range(n_layers - 1 if direct and p < n_pos - 1 else n_layers))
         jobs += [(p, layers[i:i + per]) for i in range(0, len(layers), per)]
-    kv, mask = noised_out.past_key_values, batch.get("attention_mask")
+    noised = Resume({layer: noised_cache[h] for layer, h in enumerate(entering)}, noised_out.past_key_values,
+                    batch.get("attention_mask"))
     from tqdm.auto import tqdm
 
     for p, layers in tqdm(jobs, desc=f"causal trace ({kind})", disable=not progress):
-        prefix = KVCache()
-        for j in range(n_layers):
-            prefix.keys[j], prefix.values[j] = kv.keys[j][:, :p], kv.values[j][:, :p]
         stored = {h: cache[h][:, p:].expand(n_samples, -1, -1) for h in hooks}
         entries, cells = [], []
         for i, layer in enumerate(layers):
             cell_rows = torch.full_like(samples, i)
             if direct:
-                state = noised[entering[layer + 1]][:, p:].clone()
+                state = noised.states[layer + 1][:, p:].clone()
                 state[:, 0] = stored[hooks[layer]][:, 0]
                 entries.append(Entry(layer + 1, state, samples, cell_rows))
             else:
                 first = layers_for(layer)[0]
-                entries.append(Entry(first, noised[entering[first]][:, p:], samples, cell_rows))
+                entries.append(Entry(first, noised.states[first][:, p:], samples, cell_rows))
                 cells.append([Patch(hooks[j], (0, None)) for j in layers_for(layer)])
 
         def restore(ex: Tensor, cell: Tensor, cells: list = cells, stored: dict = stored) -> list:
             return patch_hooks(cells, cell, ex, stored)
         with torch.no_grad():
-            x, ex, cell = staggered_forward(model, entries, None if direct else restore, prefix, mask,
-                                            last_position_only=True)
+            x, ex, cell = staggered_forward(model, entries, None if direct else restore, noised.prefix(p),
+                                            noised.attention_mask, last_position_only=True)
             v = metric_values(model, {"inputs_embeds": x, "start_at_layer": n_layers}, metric, ex, offset=n_pos - 1)
         sums = torch.zeros(len(layers), dtype=v.dtype, device=v.device).index_add_(0, cell, v)
         values[layers, p] = (sums / n_samples).float().cpu()

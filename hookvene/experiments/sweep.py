@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from hookvene.experiments.metrics import Metric, PositionMetric
 from hookvene.hooks import StopForward
 from hookvene.models._common import KVCache
+from hookvene.models.gpt2 import GPT2LM
+from hookvene.models.gpt_neo import GPTNeoLM
 
 RowHooks = Callable[[Tensor, Tensor], list[tuple[str, Callable]]]  # (example idx, cell idx) per row -> hooks
 
@@ -38,9 +40,6 @@ class Patch:
 
 def check_model(model: nn.Module, what: str) -> None:
     """The sweeps resume runs mid-model (`start_at_layer`) and read logits: decoder-only models with an LM head."""
-    from hookvene.models.gpt2 import GPT2LM
-    from hookvene.models.gpt_neo import GPTNeoLM
-
     if not isinstance(model, (GPT2LM, GPTNeoLM)):
         raise ValueError(f"{what} works on hookvene's decoder-only language models (GPT-2, GPT-Neo, with their LM "
                          f"head); got {type(model).__name__}. For other models, patch with pv.IntervenableModel.")
@@ -154,20 +153,23 @@ def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: Row
     x, ex, cell = entries[0].state, entries[0].example_of_row, entries[0].cell_of_row
     joining = iter(entries[1:])
     nxt = next(joining, None)
+    hooks: list = []
+    stale = row_hooks is not None  # the hooks index rows: (re)build them only when the batch has changed
     for layer in range(entries[0].layer, n_layers + 1):
         while nxt is not None and nxt.layer == layer:
             state = nxt.state[:, -x.shape[1]:]  # rows joining after the last block: x may be cut to one position
             x, ex = torch.cat([x, state]), torch.cat([ex, nxt.example_of_row])
             cell = torch.cat([cell, nxt.cell_of_row])
-            nxt = next(joining, None)
+            nxt, stale = next(joining, None), row_hooks is not None
         if layer == n_layers:
             break
+        if stale:
+            hooks, stale = row_hooks(ex, cell), False
         cache = None
         if prefix is not None and layer in prefix.keys:
             cache = KVCache()
             cache.keys[layer], cache.values[layer] = prefix.keys[layer][ex], prefix.values[layer][ex]
         mask = attention_mask[ex] if attention_mask is not None else None
-        hooks = row_hooks(ex, cell) if row_hooks else []
         if last_position_only and layer == n_layers - 1 and not any(h.startswith(f"blocks.{layer}.") for h, _ in hooks):
             x = _last_block_at_last_position(model, x, cache, mask)
             continue

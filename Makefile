@@ -17,6 +17,9 @@ ioi: install
 test: install
 	$(PY) -m pytest
 
+test-fast: install   # everything but the tests that start python / hookvene processes (CLI, examples)
+	$(PY) -m pytest -m "not slow and not subprocess"
+
 test-shapes: install   # the core tests with every jaxtyping shape annotation checked at run time
 	$(PY) -m pytest --jaxtyping-packages=hookvene,beartype.beartype -k "not bad_input and not bad_inputs and not hand_made" \
 	    tests/test_gpt2.py tests/test_gpt_neo.py tests/test_t5.py tests/test_gru.py tests/test_intervenable.py \
@@ -31,4 +34,4 @@ bench: install
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_experiments.py
 
-.PHONY: install ioi test test-shapes lint bench
+.PHONY: install ioi test test-fast test-shapes lint bench

@@ -112,7 +112,7 @@ def bench_causal_trace(model, n_pos: int, n_samples: int, n_cells: int, batch_si
         last = [seed_cell(model, prompt, subject, target, n_layers - 1, n_pos - 1, n_samples, scale, rows)
                 for rows in loops.values()]
     with Timer() as sweep:
-        res = causal_trace(model, prompt, subject, target, kind="resid", n_samples=n_samples, noise_scale=scale,
+        res = causal_trace(model, prompt, subject, target, kind="resid_post", n_samples=n_samples, noise_scale=scale,
                            batch_size=batch_size)
     clean = float(clean_probs[target])
     for name, v in (("seed approach", last[0]), ("1 source row", last[1]), ("causal_trace", float(res.values[-1, -1]))):

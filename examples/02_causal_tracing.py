@@ -95,7 +95,7 @@ def main() -> None:
     print(f"\nMost critical layers at the last token: {critical}")
 
     # The same grid, every layer x position, from the experiments toolkit in one call
-    trace = causal_trace(model, ids, subject, target, kind="resid", n_samples=n, seed=args.seed)
+    trace = causal_trace(model, ids, subject, target, kind="resid_post", n_samples=n, seed=args.seed)
     assert abs(trace.clean - clean_prob) < 1e-5 and abs(trace.corrupted - corrupted_prob) < 1e-5
     for pos, probs in results.items():
         torch.testing.assert_close(trace.values[:, pos], probs, atol=1e-5, rtol=1e-4)

@@ -15,7 +15,6 @@ import torch
 
 import hookvene as pv
 from hookvene.experiments.ioi import make_ioi_dataset, name_token, tokenize_ioi
-from hookvene.generate import generate
 
 WOMEN = ("Alice", "Amy", "Anna", "Emily", "Jane", "Jennifer", "Kate", "Laura", "Lisa", "Mary", "Rachel", "Sarah")
 MEN = ("Aaron", "Adam", "Andrew", "Arthur", "Brian", "Charles", "Daniel", "David", "Edward", "Eric", "Frank", "George")
@@ -78,7 +77,7 @@ def main() -> None:
     _, greedy = intervenable.generate(inputs, source_representations=steer, max_new_tokens=new_tokens)
     hook = (f"blocks.{args.layer}.hook_mlp_out", lambda x, hook: x + steer)
     with model.hooks(fwd_hooks=[hook]):
-        by_hand = generate(model, inputs["input_ids"], max_new_tokens=new_tokens)
+        by_hand = model.generate(inputs["input_ids"], max_new_tokens=new_tokens)
     assert torch.equal(greedy, by_hand)
     print(f"greedy steered: {tokenizer.decode(greedy[0, n_prompt:])!r} (same as a hand-written hook)")
 

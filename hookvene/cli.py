@@ -17,12 +17,18 @@ from typing import Any
 
 import torch
 
+from hookvene.components import table_for
+from hookvene.experiments.causal_tracing import KINDS as TRACE_KINDS
+from hookvene.experiments.causal_tracing import causal_trace
+from hookvene.experiments.ioi_analysis import ioi_analysis
+from hookvene.experiments.metrics import logit_diff
+from hookvene.experiments.patching import KINDS, activation_patch
+from hookvene.loading import from_pretrained, load_tokenizer, resolve_path
+
 DEFAULT_MODEL = "ioi-gpt2"
 
 
 def _load(name: str) -> tuple[Any, Any]:
-    from hookvene.loading import from_pretrained, load_tokenizer, resolve_path
-
     path = resolve_path(name)
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
@@ -51,8 +57,6 @@ def _single_token(tokenizer: Any, text: str) -> int:
 
 
 def cmd_ioi(args: argparse.Namespace) -> None:
-    from hookvene.experiments.ioi_analysis import ioi_analysis
-
     t0 = time.perf_counter()
     model, tokenizer = _load(args.model)
     torch.manual_seed(args.seed)
@@ -62,8 +66,6 @@ def cmd_ioi(args: argparse.Namespace) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
-    from hookvene.experiments.causal_tracing import causal_trace
-
     model, tokenizer = _load(args.model)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     subject = _positions(tokenizer, args.prompt, args.subject)
@@ -80,9 +82,6 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 
 def cmd_patch(args: argparse.Namespace) -> None:
-    from hookvene.experiments.metrics import logit_diff
-    from hookvene.experiments.patching import activation_patch
-
     model, tokenizer = _load(args.model)
     clean = tokenizer(args.clean, return_tensors="pt")["input_ids"]
     corrupted = tokenizer(args.corrupted, return_tensors="pt")["input_ids"]
@@ -98,16 +97,13 @@ def cmd_patch(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from hookvene.components import table_for
-    from hookvene.loading import from_pretrained, resolve_path
-
     model = from_pretrained(resolve_path(args.model))
     cfg = model.cfg
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     print(f"{type(model).__name__}  {n_params / 1e6:.2f}M parameters  {len(model.hook_dict)} hook points")
     print("config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items()))
     ids = torch.zeros(1, 4, dtype=torch.long)
-    kwargs = {"decoder_input_ids": ids} if "decoder_input_ids" in model.forward.__code__.co_varnames else {}
+    kwargs = {"decoder_input_ids": ids} if model.is_encoder_decoder else {}
     _, cache = model.run_with_cache(ids, **kwargs)
     print("\nhook points (layer 0 and globals), shape for batch 1 x 4 tokens:")
     for name, t in cache.items():
@@ -115,7 +111,7 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"  {name:<45} {tuple(t.shape)}")
     print("\npyvene components (layer 0) -> hook:")
     for comp, entry in (table_for(model) or {}).items():
-        hook = entry.hook if hasattr(entry, "hook") else entry[0].format(layer=0)
+        hook = entry.at(0, cfg).hook
         print(f"  {comp:<36} {hook}")
 
 
@@ -141,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--subject", required=True, help="substring of the prompt to corrupt")
     sp.add_argument("--target", required=True, help="answer token, with its leading space")
-    sp.add_argument("--kind", choices=["resid", "mlp", "attn"], default="resid")
+    sp.add_argument("--kind", choices=list(TRACE_KINDS), default="resid_post")
     sp.add_argument("--samples", type=int, default=10)
     sp.set_defaults(fn=cmd_trace)
 
@@ -151,8 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--corrupted", required=True)
     sp.add_argument("--answer", required=True, help="the clean answer token (leading space)")
     sp.add_argument("--wrong", required=True, help="the corrupted answer token (leading space)")
-    from hookvene.experiments.patching import KINDS
-
     sp.add_argument("--kind", choices=list(KINDS), default="heads")
     sp.set_defaults(fn=cmd_patch)
 

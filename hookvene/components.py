@@ -8,22 +8,24 @@ an intervention sees match pyvene's (e.g. `head_attention_value_output` is `attn
     merge_heads  (batch, pos, head, d_head) seen as (batch, pos, head * d_head)     e.g. query_output
     heads        (batch, pos, head, d_head) seen as (batch, head, pos, d_head)      e.g. head_query_output
     pattern      the attention pattern (batch, head, q_pos, k_pos) as is          attention_weight
-    slice        a slice of the last dimension (the GRU's fused gate projections)
+    step         the GRU's per-step tensor (batch, d); with `gate`, one third of the fused x2h / h2h projections
 
 Units name view dimensions: `pos` -> 1 on flat/merge_heads views; `h` -> 1 and `h.pos` -> (1, 2) on heads and
 pattern views (for attention_weight `h.pos` selects heads, then query positions); `t` -> the GRU time step.
 Unlike pyvene, `pos` on a head component is an error instead of silently indexing heads.
 
-The tables are plain dicts in `type_to_module_mapping` / `type_to_dimension_mapping`, keyed by model class, so users
-can add aliases, or register module paths for a model hookvene does not implement (pyvene's extension point).
+Each architecture's table is a literal dict below (component -> Site), registered for its model classes in
+`type_to_module_mapping` when this module is imported; users can add aliases there, or register module paths for a
+model hookvene does not implement (pyvene's extension point, with `type_to_dimension_mapping` for the sizes).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from hookvene.hooks import unknown_name_error
+from hookvene.models import GPT2, GPT2LM, GRU, GRULM, T5, T5LM, GPTNeo, GPTNeoLM, GRUClassifier
 
 VIEW_UNITS: dict[str, dict[str, tuple[int, ...]]] = {
     "flat": {"pos": (1,)},
@@ -31,18 +33,20 @@ VIEW_UNITS: dict[str, dict[str, tuple[int, ...]]] = {
     "heads": {"h": (1,), "h.pos": (1, 2)},
     "pattern": {"h": (1,), "h.pos": (1, 2)},
     "step": {"t": ()},
-    "step_slice": {"t": ()},
 }
 
 
 @dataclass(frozen=True)
 class Site:
-    """Where an intervention acts: one hook (or, for registered foreign models, one module's input/output)."""
+    """Where an intervention acts: one hook (or, for registered foreign models, one module's input/output).
+
+    In the component tables `hook` and `skip_from` are templates with `{layer}` and `dim` is a config expression
+    (`"d_model"`, `"n_heads*d_head"`); `at(layer, cfg)` fills them in for one layer of one model."""
 
     hook: str
     view: str = "flat"
-    dim: int | None = None  # width of one unit: pyvene's component dimension
-    last_slice: tuple[int, int] | None = None  # step_slice: columns [a, b) of the hook tensor
+    dim: str | int | None = None  # width of one unit (pyvene's component dimension)
+    gate: int | None = None  # the GRU's fused projections: which third of the last dim (0 reset, 1 update, 2 new)
     skip_from: str | None = None  # the hook holding this module's input (for SkipIntervention)
     module_hook: str | None = None  # "register_forward_hook" / "register_forward_pre_hook" for foreign models
 
@@ -50,113 +54,138 @@ class Site:
     def units(self) -> dict[str, tuple[int, ...]]:
         return VIEW_UNITS[self.view]
 
-
-# A table entry: component -> (hook template with {layer}, view, dim attribute on the config, skip-from component)
-Entry = tuple[str, str, str, str | None]
-
-
-def _transformer_table(prefix: str = "", mlp_in: str = "ln2", cross: bool = False) -> dict[str, Entry]:
-    b = prefix + "blocks.{layer}."
-    table: dict[str, Entry] = {
-        "block_input": (b + "hook_resid_pre", "flat", "d_model", None),
-        "block_output": (b + "hook_resid_post", "flat", "d_model", "block_input"),
-        "attention_input": (b + "ln1.hook_normalized", "flat", "d_model", None),
-        "attention_output": (b + "hook_attn_out", "flat", "d_model", "attention_input"),
-        "attention_value_output": (b + "attn.hook_z", "merge_heads", "inner", None),
-        "head_attention_value_output": (b + "attn.hook_z", "heads", "d_head", None),
-        "attention_weight": (b + "attn.hook_pattern", "pattern", "n_ctx", None),
-        "attention_scores": (b + "attn.hook_attn_scores", "pattern", "n_ctx", None),
-        "query_output": (b + "attn.hook_q", "merge_heads", "inner", None),
-        "key_output": (b + "attn.hook_k", "merge_heads", "inner", None),
-        "value_output": (b + "attn.hook_v", "merge_heads", "inner", None),
-        "head_query_output": (b + "attn.hook_q", "heads", "d_head", None),
-        "head_key_output": (b + "attn.hook_k", "heads", "d_head", None),
-        "head_value_output": (b + "attn.hook_v", "heads", "d_head", None),
-        "mlp_input": (b + f"{mlp_in}.hook_normalized", "flat", "d_model", None),
-        "mlp_pre_activation": (b + "mlp.hook_pre", "flat", "d_mlp", None),  # not in pyvene: the MLP's input to act
-        "mlp_activation": (b + "mlp.hook_post", "flat", "d_mlp", None),
-        "mlp_output": (b + "hook_mlp_out", "flat", "d_model", "mlp_input"),
-        "residual_mid": (b + "hook_resid_mid", "flat", "d_model", None),
-    }
-    if cross:
-        table |= {
-            "cross_attention_input": (b + "ln2.hook_normalized", "flat", "d_model", None),
-            "cross_attention_output": (b + "hook_cross_attn_out", "flat", "d_model", "cross_attention_input"),
-            "cross_attention_value_output": (b + "cross_attn.hook_z", "merge_heads", "inner", None),
-            "head_cross_attention_value_output": (b + "cross_attn.hook_z", "heads", "d_head", None),
-            "cross_attention_weight": (b + "cross_attn.hook_pattern", "pattern", "n_ctx", None),
-            "cross_query_output": (b + "cross_attn.hook_q", "merge_heads", "inner", None),
-            "cross_key_output": (b + "cross_attn.hook_k", "merge_heads", "inner", None),
-            "cross_value_output": (b + "cross_attn.hook_v", "merge_heads", "inner", None),
-            "head_cross_query_output": (b + "cross_attn.hook_q", "heads", "d_head", None),
-            "head_cross_key_output": (b + "cross_attn.hook_k", "heads", "d_head", None),
-            "head_cross_value_output": (b + "cross_attn.hook_v", "heads", "d_head", None),
-            "residual_mid_cross": (b + "hook_resid_mid_cross", "flat", "d_model", None),
-        }
-    return table
+    def at(self, layer: int, cfg: Any) -> "Site":
+        dim = eval_dim(cfg, self.dim) if isinstance(self.dim, str) else self.dim
+        skip = self.skip_from.format(layer=layer) if self.skip_from else None
+        return replace(self, hook=self.hook.format(layer=layer), dim=dim, skip_from=skip)
 
 
-GPT_TABLE = _transformer_table()
-# T5: components are prefixed with their stack; bare names mean the encoder (pyvene's only T5 precedent).
-T5_TABLE: dict[str, Entry] = {}
-T5_TABLE |= {f"encoder.{k}": v for k, v in _transformer_table("encoder.").items()}
-T5_TABLE |= {f"decoder.{k}": v for k, v in _transformer_table("decoder.", mlp_in="ln3", cross=True).items()}
-T5_TABLE |= {k.removeprefix("encoder."): v for k, v in T5_TABLE.items() if k.startswith("encoder.")}
-GRU_TABLE: dict[str, Entry] = {
-    "cell_input": ("layers.{layer}.hook_in", "step", "d_in", None),
-    "cell_output": ("layers.{layer}.hook_hidden", "step", "h_dim", "cell_input"),
-    "reset_gate_input": ("layers.{layer}.hook_reset_pre", "step", "h_dim", None),
-    "reset_gate_output": ("layers.{layer}.hook_reset", "step", "h_dim", None),
-    "update_gate_input": ("layers.{layer}.hook_update_pre", "step", "h_dim", None),
-    "update_gate_output": ("layers.{layer}.hook_update", "step", "h_dim", None),
-    "new_gate_input": ("layers.{layer}.hook_candidate_pre", "step", "h_dim", None),
-    "new_gate_output": ("layers.{layer}.hook_candidate", "step", "h_dim", None),
-    "x2h_output": ("layers.{layer}.hook_x2h", "step", "3h", None),
-    "h2h_output": ("layers.{layer}.hook_h2h", "step", "3h", None),
+B = "blocks.{layer}."
+GPT_COMPONENTS: dict[str, Site] = {  # GPT-2 and GPT-Neo
+    "block_input": Site(B + "hook_resid_pre", "flat", "d_model"),
+    "block_output": Site(B + "hook_resid_post", "flat", "d_model", skip_from=B + "hook_resid_pre"),
+    "residual_mid": Site(B + "hook_resid_mid", "flat", "d_model"),
+    "attention_input": Site(B + "ln1.hook_normalized", "flat", "d_model"),
+    "attention_output": Site(B + "hook_attn_out", "flat", "d_model", skip_from=B + "ln1.hook_normalized"),
+    "query_output": Site(B + "attn.hook_q", "merge_heads", "n_heads*d_head"),
+    "key_output": Site(B + "attn.hook_k", "merge_heads", "n_heads*d_head"),
+    "value_output": Site(B + "attn.hook_v", "merge_heads", "n_heads*d_head"),
+    "attention_value_output": Site(B + "attn.hook_z", "merge_heads", "n_heads*d_head"),
+    "head_query_output": Site(B + "attn.hook_q", "heads", "d_head"),
+    "head_key_output": Site(B + "attn.hook_k", "heads", "d_head"),
+    "head_value_output": Site(B + "attn.hook_v", "heads", "d_head"),
+    "head_attention_value_output": Site(B + "attn.hook_z", "heads", "d_head"),
+    "attention_weight": Site(B + "attn.hook_pattern", "pattern", "n_ctx"),
+    "attention_scores": Site(B + "attn.hook_attn_scores", "pattern", "n_ctx"),  # not in pyvene: pre-softmax
+    "mlp_input": Site(B + "ln2.hook_normalized", "flat", "d_model"),
+    "mlp_pre_activation": Site(B + "mlp.hook_pre", "flat", "d_mlp"),  # not in pyvene: the activation's input
+    "mlp_activation": Site(B + "mlp.hook_post", "flat", "d_mlp"),
+    "mlp_output": Site(B + "hook_mlp_out", "flat", "d_model", skip_from=B + "ln2.hook_normalized"),
 }
-for _i, _gate in enumerate(("reset", "update", "new")):
-    GRU_TABLE[f"{_gate}_x2h_output"] = ("layers.{layer}.hook_x2h", f"step_slice{_i}", "h_dim", None)
-    GRU_TABLE[f"{_gate}_h2h_output"] = ("layers.{layer}.hook_h2h", f"step_slice{_i}", "h_dim", None)
 
-# model class -> component table; filled by `register_hookvene_models()` and by users
-type_to_module_mapping: dict[type, dict[str, Any]] = {}
+E, D = "encoder.blocks.{layer}.", "decoder.blocks.{layer}."
+T5_ENCODER_COMPONENTS: dict[str, Site] = {
+    "encoder.block_input": Site(E + "hook_resid_pre", "flat", "d_model"),
+    "encoder.block_output": Site(E + "hook_resid_post", "flat", "d_model", skip_from=E + "hook_resid_pre"),
+    "encoder.residual_mid": Site(E + "hook_resid_mid", "flat", "d_model"),
+    "encoder.attention_input": Site(E + "ln1.hook_normalized", "flat", "d_model"),
+    "encoder.attention_output": Site(E + "hook_attn_out", "flat", "d_model", skip_from=E + "ln1.hook_normalized"),
+    "encoder.query_output": Site(E + "attn.hook_q", "merge_heads", "n_heads*d_head"),
+    "encoder.key_output": Site(E + "attn.hook_k", "merge_heads", "n_heads*d_head"),
+    "encoder.value_output": Site(E + "attn.hook_v", "merge_heads", "n_heads*d_head"),
+    "encoder.attention_value_output": Site(E + "attn.hook_z", "merge_heads", "n_heads*d_head"),
+    "encoder.head_query_output": Site(E + "attn.hook_q", "heads", "d_head"),
+    "encoder.head_key_output": Site(E + "attn.hook_k", "heads", "d_head"),
+    "encoder.head_value_output": Site(E + "attn.hook_v", "heads", "d_head"),
+    "encoder.head_attention_value_output": Site(E + "attn.hook_z", "heads", "d_head"),
+    "encoder.attention_weight": Site(E + "attn.hook_pattern", "pattern", "n_ctx"),
+    "encoder.attention_scores": Site(E + "attn.hook_attn_scores", "pattern", "n_ctx"),
+    "encoder.mlp_input": Site(E + "ln2.hook_normalized", "flat", "d_model"),
+    "encoder.mlp_pre_activation": Site(E + "mlp.hook_pre", "flat", "d_mlp"),
+    "encoder.mlp_activation": Site(E + "mlp.hook_post", "flat", "d_mlp"),
+    "encoder.mlp_output": Site(E + "hook_mlp_out", "flat", "d_model", skip_from=E + "ln2.hook_normalized"),
+}
+T5_DECODER_COMPONENTS: dict[str, Site] = {  # ln1 before self-attention, ln2 before cross-attention, ln3 before the MLP
+    "decoder.block_input": Site(D + "hook_resid_pre", "flat", "d_model"),
+    "decoder.block_output": Site(D + "hook_resid_post", "flat", "d_model", skip_from=D + "hook_resid_pre"),
+    "decoder.residual_mid": Site(D + "hook_resid_mid", "flat", "d_model"),
+    "decoder.residual_mid_cross": Site(D + "hook_resid_mid_cross", "flat", "d_model"),
+    "decoder.attention_input": Site(D + "ln1.hook_normalized", "flat", "d_model"),
+    "decoder.attention_output": Site(D + "hook_attn_out", "flat", "d_model", skip_from=D + "ln1.hook_normalized"),
+    "decoder.query_output": Site(D + "attn.hook_q", "merge_heads", "n_heads*d_head"),
+    "decoder.key_output": Site(D + "attn.hook_k", "merge_heads", "n_heads*d_head"),
+    "decoder.value_output": Site(D + "attn.hook_v", "merge_heads", "n_heads*d_head"),
+    "decoder.attention_value_output": Site(D + "attn.hook_z", "merge_heads", "n_heads*d_head"),
+    "decoder.head_query_output": Site(D + "attn.hook_q", "heads", "d_head"),
+    "decoder.head_key_output": Site(D + "attn.hook_k", "heads", "d_head"),
+    "decoder.head_value_output": Site(D + "attn.hook_v", "heads", "d_head"),
+    "decoder.head_attention_value_output": Site(D + "attn.hook_z", "heads", "d_head"),
+    "decoder.attention_weight": Site(D + "attn.hook_pattern", "pattern", "n_ctx"),
+    "decoder.attention_scores": Site(D + "attn.hook_attn_scores", "pattern", "n_ctx"),
+    "decoder.cross_attention_input": Site(D + "ln2.hook_normalized", "flat", "d_model"),
+    "decoder.cross_attention_output": Site(D + "hook_cross_attn_out", "flat", "d_model",
+                                           skip_from=D + "ln2.hook_normalized"),
+    "decoder.cross_query_output": Site(D + "cross_attn.hook_q", "merge_heads", "n_heads*d_head"),
+    "decoder.cross_key_output": Site(D + "cross_attn.hook_k", "merge_heads", "n_heads*d_head"),
+    "decoder.cross_value_output": Site(D + "cross_attn.hook_v", "merge_heads", "n_heads*d_head"),
+    "decoder.cross_attention_value_output": Site(D + "cross_attn.hook_z", "merge_heads", "n_heads*d_head"),
+    "decoder.head_cross_query_output": Site(D + "cross_attn.hook_q", "heads", "d_head"),
+    "decoder.head_cross_key_output": Site(D + "cross_attn.hook_k", "heads", "d_head"),
+    "decoder.head_cross_value_output": Site(D + "cross_attn.hook_v", "heads", "d_head"),
+    "decoder.head_cross_attention_value_output": Site(D + "cross_attn.hook_z", "heads", "d_head"),
+    "decoder.cross_attention_weight": Site(D + "cross_attn.hook_pattern", "pattern", "n_ctx"),
+    "decoder.mlp_input": Site(D + "ln3.hook_normalized", "flat", "d_model"),
+    "decoder.mlp_pre_activation": Site(D + "mlp.hook_pre", "flat", "d_mlp"),
+    "decoder.mlp_activation": Site(D + "mlp.hook_post", "flat", "d_mlp"),
+    "decoder.mlp_output": Site(D + "hook_mlp_out", "flat", "d_model", skip_from=D + "ln3.hook_normalized"),
+}
+# A bare T5 component name means the encoder's (pyvene's only T5 precedent).
+T5_COMPONENTS: dict[str, Site] = {**T5_ENCODER_COMPONENTS, **T5_DECODER_COMPONENTS,
+                                  **{k.removeprefix("encoder."): v for k, v in T5_ENCODER_COMPONENTS.items()}}
+
+L = "layers.{layer}."
+GRU_COMPONENTS: dict[str, Site] = {  # unit "t": the time step
+    "cell_input": Site(L + "hook_in", "step", "d_in"),
+    "cell_output": Site(L + "hook_hidden", "step", "d_model", skip_from=L + "hook_in"),
+    "reset_gate_input": Site(L + "hook_reset_pre", "step", "d_model"),
+    "reset_gate_output": Site(L + "hook_reset", "step", "d_model"),
+    "update_gate_input": Site(L + "hook_update_pre", "step", "d_model"),
+    "update_gate_output": Site(L + "hook_update", "step", "d_model"),
+    "new_gate_input": Site(L + "hook_candidate_pre", "step", "d_model"),
+    "new_gate_output": Site(L + "hook_candidate", "step", "d_model"),
+    "x2h_output": Site(L + "hook_x2h", "step", "3*d_model"),
+    "h2h_output": Site(L + "hook_h2h", "step", "3*d_model"),
+    "reset_x2h_output": Site(L + "hook_x2h", "step", "d_model", gate=0),
+    "update_x2h_output": Site(L + "hook_x2h", "step", "d_model", gate=1),
+    "new_x2h_output": Site(L + "hook_x2h", "step", "d_model", gate=2),
+    "reset_h2h_output": Site(L + "hook_h2h", "step", "d_model", gate=0),
+    "update_h2h_output": Site(L + "hook_h2h", "step", "d_model", gate=1),
+    "new_h2h_output": Site(L + "hook_h2h", "step", "d_model", gate=2),
+}
+
+# model class -> component table (pyvene's registry). Users add aliases, or register module paths for a model
+# hookvene does not implement: {component: (module path with %s for the layer, "register_forward_hook")}.
+type_to_module_mapping: dict[type, dict[str, Any]] = {
+    cls: dict(table) for classes, table in (((GPT2, GPT2LM, GPTNeo, GPTNeoLM), GPT_COMPONENTS),
+                                            ((T5, T5LM), T5_COMPONENTS),
+                                            ((GRU, GRUClassifier, GRULM), GRU_COMPONENTS)) for cls in classes
+}
 # model class -> {component: (config-attribute expressions, ...)} for foreign models registered by users
 type_to_dimension_mapping: dict[type, dict[str, tuple[str, ...]]] = {}
-
-
-def register_hookvene_models() -> None:
-    """Put hookvene's own model classes in the registry (done once at import of hookvene)."""
-    import hookvene.models as m
-
-    for name, table in (("GPT2", GPT_TABLE), ("GPT2LM", GPT_TABLE), ("GPTNeo", GPT_TABLE),
-                        ("GPTNeoLM", GPT_TABLE), ("T5", T5_TABLE), ("T5LM", T5_TABLE), ("GRU", GRU_TABLE),
-                        ("GRUClassifier", GRU_TABLE), ("GRULM", GRU_TABLE)):
-        cls = getattr(m, name, None)
-        if cls is not None:
-            type_to_module_mapping.setdefault(cls, dict(table))
-
-
-def _dim(cfg: Any, what: str) -> int | None:
-    if what == "inner":  # all heads side by side (T5's n_heads * d_kv can differ from d_model)
-        return cfg.n_heads * cfg.d_head
-    if what == "3h":
-        return 3 * cfg.h_dim
-    return getattr(cfg, what, None)
 
 
 def _n_layers(model: nn.Module, component: str) -> int | None:
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     if component.startswith("decoder."):
         return getattr(cfg, "n_decoder_layers", None)
-    for attr in ("n_layers", "n_layer", "num_layers", "num_hidden_layers"):
+    for attr in ("n_encoder_layers", "n_layers", "n_layer", "num_layers", "num_hidden_layers"):
         if getattr(cfg, attr, None) is not None:
             return getattr(cfg, attr)
     return None
 
 
 def table_for(model: nn.Module) -> dict[str, Any] | None:
-    if not type_to_module_mapping:
-        register_hookvene_models()
+    """The component table registered for this model's class, or None."""
     return type_to_module_mapping.get(type(model))
 
 
@@ -173,23 +202,16 @@ def resolve(model: nn.Module, layer: int, component: str, unit: str) -> Site:
         names = list(table) + (list(hook_dict) if hook_dict else [])
         raise unknown_name_error(component, names, f"component for {type(model).__name__}")
     entry = table[component]
-    if isinstance(entry, Site):
-        return _check_unit(entry, component, unit)
     n_layers = _n_layers(model, component)
     if n_layers is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is out of range for {component!r}: the model has {n_layers} layers "
                          f"(0..{n_layers - 1})")
     if hook_dict is None:  # a foreign model registered pyvene-style: (module path with %s, hook type)
         return _foreign_site(model, layer, component, entry)
-    template, view, dim_attr, skip = entry
-    cfg = model.cfg
-    last_slice = None
-    if view.startswith("step_slice"):
-        i, h = int(view[-1]), cfg.h_dim
-        view, last_slice = "step_slice", (i * h, (i + 1) * h)
-    prefix = component.rpartition(".")[0] + "." if "." in component else ""  # T5: decoder.* skips within decoder
-    skip_from = table.get(prefix + skip, table.get(skip))[0].format(layer=layer) if skip else None
-    site = Site(template.format(layer=layer), view, _dim(cfg, dim_attr), last_slice, skip_from)
+    if not isinstance(entry, Site):
+        raise ValueError(f"component {component!r} of {type(model).__name__} is registered as {entry!r}; table "
+                         f"entries for hooked models are Sites, e.g. Site('blocks.{{layer}}.hook_resid_pre')")
+    site = entry.at(layer, model.cfg)
     if site.hook not in hook_dict:
         raise ValueError(f"component {component!r} maps to hook {site.hook!r}, which this model does not have")
     return _check_unit(site, component, unit)
@@ -213,11 +235,11 @@ def _foreign_site(model: nn.Module, layer: int, component: str, entry: Any) -> S
     module_at(model, path)  # fail now, with a clear message, if the path is wrong
     dims = type_to_dimension_mapping.get(type(model), {}).get(component, ())
     cfg = getattr(model, "config", None)
-    dim = next((d for d in (_eval_dim(cfg, e) for e in dims) if d is not None), None)
+    dim = next((d for d in (eval_dim(cfg, e) for e in dims) if d is not None), None)
     return Site(path, "flat", dim, module_hook=hook_type)
 
 
-def _eval_dim(cfg: Any, expr: str) -> int | None:
+def eval_dim(cfg: Any, expr: str) -> int | None:
     """pyvene's dimension proposals: config attributes combined with * and / (e.g. "d_model/num_heads")."""
     try:
         value: float = 1.0

@@ -180,13 +180,6 @@ class HookedModule(nn.Module):
         with self.hooks(fwd_hooks, bwd_hooks):
             return self(*args, **kwargs)
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
-        """KV-cached greedy or sampled generation; hooks attached with `hooks()` fire on every step
-        (see `hookvene.generate`)."""
-        from hookvene.generate import generate
-
-        return generate(self, input_ids, attention_mask, **kwargs)
-
     def run_with_cache(self, *args: Any, names_filter: NamesFilter = None, device: str | torch.device | None = None,
                        incl_bwd: bool = False, **kwargs: Any) -> tuple[Any, "ActivationCache"]:
         """Run forward and return `(output, cache)`, the cache holding every selected activation (detached).

@@ -31,7 +31,6 @@ class Intervention(nn.Module):
         self.interchange_dim: int | None = self.embed_dim
         self.subspace_partition = kwargs.get("subspace_partition")
         self.keep_last_dim = bool(kwargs.get("keep_last_dim", False))
-        self.use_fast = bool(kwargs.get("use_fast", False))
         source = kwargs.get("source_representation")
         self.register_buffer("source_representation", None if source is None else torch.as_tensor(source))
         if source is not None or kwargs.get("hidden_source_representation"):

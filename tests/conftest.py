@@ -1,11 +1,7 @@
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from helpers import make_tokenizer, save_checkpoint, tiny_gpt2  # noqa: E402
+from tests.helpers import make_tokenizer, save_checkpoint, tiny_gpt2
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give on 2 shared cores
 

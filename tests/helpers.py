@@ -50,3 +50,20 @@ def tiny_gpt2(tokenizer=None, seed: int = 0, **overrides):
     kw.update(overrides)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**kw, attn_implementation="eager")).eval()
+
+
+# -- numeric checks shared by the tests ---------------------------------------------------------------------------
+
+ATOL = 1e-5  # float32 agreement between two computations of the same thing
+
+
+def close(a, b, atol=ATOL):
+    """Same shape and max |a - b| <= atol (the error is shown on failure)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs().max().item()
+    assert err <= atol, err
+
+
+def differs(a, b):
+    """The intervention really changed something: max |a - b| > 1e-4."""
+    assert (a - b).abs().max().item() > 1e-4, "the intervention changed nothing"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tokenizer, save_checkpoint, tiny_gpt2
 
 from hookvene.cli import main
 from hookvene.experiments.results import SweepResult
+from tests.helpers import make_tokenizer, save_checkpoint, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -97,7 +97,7 @@ def test_ioi_top_k(tmp_path, capsys):
 # -- trace and patch on the bundled model ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["resid", "mlp", "attn"])
+@pytest.mark.parametrize("kind", ["resid_post", "mlp_out", "attn_out"])
 def test_trace_on_an_ioi_prompt(kind, tmp_path, capsys):
     main(["trace", "--prompt", CLEAN, "--subject", "Mary", "--target", " Mary", "--kind", kind, "--samples", "2",
           "--out", str(tmp_path)])
@@ -131,8 +131,8 @@ def test_local_checkpoint_dir(tiny_dir, tmp_path, capsys):
     assert "GPT2LM" in capsys.readouterr().out
     main(["trace", "--model", tiny_dir, "--prompt", "The Colosseum is in the city of", "--subject", "The Colosseum",
           "--target", " Rome", "--samples", "2", "--out", str(tmp_path)])
-    assert "causal_trace:resid" in capsys.readouterr().out
-    assert is_png(tmp_path / "trace_resid.png")
+    assert "causal_trace:resid_post" in capsys.readouterr().out
+    assert is_png(tmp_path / "trace_resid_post.png")
     main(["patch", "--model", tiny_dir, "--clean", "The capital of Spain is", "--corrupted",
           "The capital of Italy is", "--answer", " Madrid", "--wrong", " Rome", "--kind", "resid_pre",
           "--out", str(tmp_path)])
@@ -172,7 +172,7 @@ def test_subject_not_in_prompt(tmp_path, capsys):
     said = fails(["trace", "--prompt", CLEAN, "--subject", "Alice", "--target", " Mary", "--out", str(tmp_path)],
                  capsys)
     assert "'Alice' does not occur in the prompt" in said
-    assert not (tmp_path / "trace_resid.png").exists()
+    assert not (tmp_path / "trace_resid_post.png").exists()
 
 
 @pytest.mark.parametrize("command", ["trace", "patch"])
@@ -219,6 +219,7 @@ def run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_python_m_hookvene_patch(tmp_path):
     proc = run_module("patch", "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong",
                       " Alice", "--out", str(tmp_path / "figs"), cwd=tmp_path)
@@ -227,6 +228,7 @@ def test_python_m_hookvene_patch(tmp_path):
     assert is_png(tmp_path / "figs" / "patch_heads.png")
 
 
+@pytest.mark.subprocess
 def test_python_m_hookvene_reports_bad_input_on_stderr(tmp_path):
     proc = run_module("trace", "--prompt", CLEAN, "--subject", "Rome", "--target", " Mary", cwd=tmp_path)
     assert proc.returncode != 0

@@ -47,6 +47,7 @@ def test_every_example_is_tested_and_listed_in_the_readme():
         assert f"python examples/{script}" in readme, script
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_example_runs_on_the_bundled_model(script, tmp_path):
     proc = run_example(script, "--out", str(tmp_path))
@@ -61,6 +62,7 @@ def test_example_runs_on_the_bundled_model(script, tmp_path):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.subprocess
 def test_collected_activations_file(tmp_path):
     import torch
 
@@ -77,8 +79,9 @@ def test_collected_activations_file(tmp_path):
 @pytest.fixture(scope="module")
 def random_ioi_checkpoint(tmp_path_factory):
     """A random GPT-2 saved with the bundled model's word-level tokenizer: `--model DIR` with other weights."""
-    from helpers import save_checkpoint, tiny_gpt2
     from transformers import AutoTokenizer
+
+    from tests.helpers import save_checkpoint, tiny_gpt2
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "hookvene" / "zoo" / "ioi-gpt2")
     # larger initial weights than GPT-2's 0.02: patching effects big enough for the agreement checks to bite
@@ -86,6 +89,7 @@ def random_ioi_checkpoint(tmp_path_factory):
     return save_checkpoint(model, tokenizer, str(tmp_path_factory.mktemp("random_ioi")))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script, extra", [("01_activation_patching.py", []),
                                            ("02_causal_tracing.py", ["--samples", "3"]),
                                            ("04_position_patching.py", ["--layer", "2"])])
@@ -96,6 +100,7 @@ def test_example_with_a_local_checkpoint_dir(script, extra, random_ioi_checkpoin
     assert list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.subprocess
 def test_example_rejects_an_unknown_model_offline(tmp_path):
     proc = run_example("05_collect_activations.py", "--model", str(tmp_path / "missing-model"), "--out", str(tmp_path))
     assert proc.returncode != 0

@@ -13,7 +13,6 @@ import types
 
 import pytest
 import torch
-from helpers import tiny_gpt2
 
 import hookvene
 import hookvene as pv
@@ -22,6 +21,7 @@ from hookvene.experiments.metrics import kl_div, logit_diff, prob
 from hookvene.experiments.patching import KINDS, activation_patch, attribution_patch, compare
 from hookvene.experiments.path_patching import path_patch
 from hookvene.experiments.results import SweepResult
+from tests.helpers import tiny_gpt2
 
 ATOL = 1e-5
 N_VOCAB, SEQ, BATCH = 101, 5, 3
@@ -166,7 +166,8 @@ def test_full_residual_patch_restores_clean(model):
 # -- causal_trace == a manual computation with hand-written hooks ---------------------------------------------------
 
 CT_LAYERS, CT_PROMPT, CT_SUBJECT, CT_TARGET, CT_SAMPLES = 4, ids(7, batch=1, seq=6), [1, 2], 11, 10
-STATE = {"resid": "blocks.{}.hook_resid_post", "mlp": "blocks.{}.hook_mlp_out", "attn": "blocks.{}.hook_attn_out"}
+STATE = {"resid_post": "blocks.{}.hook_resid_post", "mlp_out": "blocks.{}.hook_mlp_out",
+         "attn_out": "blocks.{}.hook_attn_out"}
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,7 @@ def manual_trace(model, prompt, subject, target, kind, window, n_samples, seed, 
     return grid, p_target([])
 
 
-@pytest.mark.parametrize("kind,window", [("resid", 1), ("resid", 3), ("mlp", 3), ("attn", 2)])
+@pytest.mark.parametrize("kind,window", [("resid_post", 1), ("resid_post", 3), ("mlp_out", 3), ("attn_out", 2)])
 def test_causal_trace_equals_manual(ct_model, kind, window):
     scale = 3 * float(ct_model.embed.weight.detach().std())  # the documented default: 3 sigma of the token embeddings
     res = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind=kind, window=window, n_samples=CT_SAMPLES,
@@ -226,16 +227,16 @@ def test_causal_trace_equals_manual(ct_model, kind, window):
 
 
 def test_causal_trace_sanity(ct_model):
-    res = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind="resid", n_samples=4, batch_size=7)
+    res = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind="resid_post", n_samples=4, batch_size=7)
     # the last layer's residual stream at the last position is all the logits read: restoring it restores P(target)
     assert res.values[-1, -1].item() == pytest.approx(res.clean, abs=ATOL)
     # positions before the first subject token never see the noise (causal attention)
     assert torch.allclose(res.values[:, : CT_SUBJECT[0]], torch.full_like(res.values[:, : CT_SUBJECT[0]],
                                                                            res.corrupted), atol=ATOL)
     # different chunkings and the same seed: the same grid; another seed: other noise
-    again = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind="resid", n_samples=4, batch_size=100)
+    again = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind="resid_post", n_samples=4, batch_size=100)
     assert (res.values - again.values).abs().max().item() <= ATOL
-    other = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind="resid", n_samples=4, seed=1)
+    other = causal_trace(ct_model, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind="resid_post", n_samples=4, seed=1)
     assert (res.values - other.values).abs().max().item() > 1e-4
 
 
@@ -564,7 +565,7 @@ def test_activation_patch_on_gpt_neo(neo_model, kind):
 def test_causal_trace_on_gpt_neo(neo_model):
     prompt, subject = ids(23, batch=1, seq=7), [2, 3]
     scale = 3 * float(neo_model.embed.weight.detach().std())
-    for kind, window in (("resid", 1), ("mlp", 2)):
+    for kind, window in (("resid_post", 1), ("mlp_out", 2)):
         res = causal_trace(neo_model, prompt, subject, CT_TARGET, kind=kind, window=window, n_samples=3, seed=2)
         ref, corrupted = manual_trace(neo_model, prompt, subject, CT_TARGET, kind, window, 3, 2, scale)
         assert (res.values - ref).abs().max().item() <= ATOL

@@ -12,9 +12,9 @@ sequence, T5 for the decoder side); weights are redrawn larger than HF's init so
 
 import pytest
 import torch
-from helpers import save_checkpoint, tiny_gpt2
 
 import hookvene as pv
+from tests.helpers import save_checkpoint, tiny_gpt2
 
 VOCAB, N_CTX, D = 101, 48, 32
 NEW = 6  # new tokens per generation: few, the cost is per step
@@ -405,7 +405,7 @@ def test_seeded_sampling_is_reproducible(model):
 
 def test_sampling_distribution_follows_filters():
     """pick_next on fixed logits: top-k and top-p restrict the support; temperature sharpens."""
-    from hookvene.generate import pick_next
+    from hookvene.models.common import pick_next
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(400, 1)
     g = torch.Generator().manual_seed(0)

@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-from helpers import tiny_gpt2
 
 import hookvene
 from hookvene import GPT2, GPT2LM
+from tests.helpers import tiny_gpt2
 
 ATOL = 1e-4
 VOCAB = 101  # tiny_gpt2's vocabulary without a tokenizer (odd on purpose)

@@ -5,12 +5,11 @@ via `run_with_hooks`; the IntervenableModel output must match it to 1e-5."""
 
 import pytest
 import torch
-from helpers import tiny_gpt2
 
 import hookvene
 import hookvene as pv
+from tests.helpers import close, differs, tiny_gpt2
 
-ATOL = 1e-5
 D, H, DH, DMLP, L, SEQ = 32, 4, 8, 128, 3, 6
 
 
@@ -33,16 +32,6 @@ def model():
 @pytest.fixture
 def fresh():
     return make_model()
-
-
-def close(a, b, atol=ATOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    err = (a - b).abs().max().item()
-    assert err <= atol, err
-
-
-def differs(a, b):
-    assert (a - b).abs().max().item() > 1e-4, "the intervention changed nothing"
 
 
 def cache(model, x):

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_gpt2
 from safetensors.torch import load_file, save_file
 
 import hookvene
 from hookvene.loading import ARCHITECTURES, CheckpointError
+from tests.helpers import tiny_gpt2
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +233,7 @@ def test_hub_name_with_only_bin_weights(hf, tmp_path, monkeypatch):
         assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4
 
 
+@pytest.mark.subprocess
 def test_unreachable_hub_name_really_offline(tmp_path):
     """One real attempt, in a subprocess with the hub switched off and an empty cache."""
     code = ("import hookvene\ntry:\n    hookvene.from_pretrained('openai-community/gpt2')\n"

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_gpt2
 
 import hookvene as pv
+from tests.helpers import tiny_gpt2
 
 
 @pytest.fixture(scope="module")

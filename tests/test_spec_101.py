@@ -10,18 +10,7 @@ import json
 import torch
 
 import hookvene as pv
-
-ATOL = 1e-5
-
-
-def close(a, b, atol=ATOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    err = (a - b).abs().max().item()
-    assert err <= atol, err
-
-
-def differs(a, b):
-    assert (a - b).abs().max().item() > 1e-4, "the intervention changed nothing"
+from tests.helpers import close, differs
 
 
 def hidden(gpt2, inputs, hooks=()):
@@ -632,7 +621,10 @@ def test_interchange_intervention_training(gpt2_dir):
     assert {id(p) for p in pv_gpt2.get_trainable_parameters()} == {id(p) for p in gpt2.parameters()}
     _, out = pv_gpt2(tokenizer("The capital of Spain is", return_tensors="pt"),
                      [tokenizer("The capital of Italy is", return_tensors="pt")], {"sources->base": 3})
-    out.last_hidden_state[:, -1].sum().backward()
+    # One coordinate, not `.sum()`: the last hidden state is ln_final's output, whose weight is 1 and bias 0 here,
+    # so each position's coordinates sum to 0 whatever the input and the gradient of the sum is identically 0
+    # (the sum of squares is no better: it is d * var / (var + eps), almost constant).
+    out.last_hidden_state[:, -1, 0].sum().backward()
     assert gpt2.blocks[11].mlp.fc.weight.grad.abs().sum() > 0
     assert gpt2.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # reached through the source run too
 

@@ -3,10 +3,10 @@ hooks (the GPT-2 cells are in test_spec_101.py, the generation cell in test_gene
 
 import pytest
 import torch
-from helpers import make_tokenizer
 from transformers import GPTNeoConfig, GPTNeoForCausalLM, T5Config, T5ForConditionalGeneration
 
 import hookvene as pv
+from tests.helpers import make_tokenizer
 
 # -- GRU cells --------------------------------------------------------------------------------------------------
 

@@ -11,15 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hookvene as pv
+from tests.helpers import close
 
 ATOL_HF = 1e-4  # hookvene vs transformers on the same weights
-ATOL = 1e-5
-
-
-def close(a, b, atol=ATOL):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    err = (a - b).abs().max().item()
-    assert err <= atol, err
 
 
 def load(gpt2_dir):

@@ -11,7 +11,7 @@ from torch import nn
 
 import hookvene.loading as loading
 from hookvene.loading.t5 import config_from_hf
-from hookvene.models._common import KVCache
+from hookvene.models.common import KVCache
 from hookvene.models.t5 import T5, T5LM, T5Config, relative_position_bucket
 
 V, D, DKV, H, DFF, L_ENC, L_DEC = 61, 40, 12, 3, 56, 2, 3
@@ -117,7 +117,7 @@ def test_no_head_model_matches_hf_t5model(batch):
 def expected_shapes(cfg: T5Config, b: int, n_enc: int, n_dec: int, gated: bool) -> dict[str, tuple[int, ...]]:
     h, d, dm, dff = cfg.n_heads, cfg.d_kv, cfg.d_model, cfg.d_ff
     shapes: dict[str, tuple[int, ...]] = {"hook_logits": (b, n_dec, cfg.d_vocab)}
-    for stack, n_layers, n in (("encoder", cfg.n_layers, n_enc), ("decoder", cfg.n_decoder_layers, n_dec)):
+    for stack, n_layers, n in (("encoder", cfg.n_encoder_layers, n_enc), ("decoder", cfg.n_decoder_layers, n_dec)):
         shapes[f"{stack}.hook_embed"] = (b, n, dm)
         shapes[f"{stack}.hook_position_bias"] = (1, h, n, n)
         shapes[f"{stack}.ln_final.hook_normalized"] = (b, n, dm)

@@ -17,6 +17,7 @@ from hookvene.experiments.ioi import HELDOUT_TEMPLATE_IDS, corrupt, make_ioi_dat
 from hookvene.experiments.metrics import logit_diff
 from hookvene.experiments.patching import activation_patch
 from hookvene.experiments.results import SweepResult
+from hookvene.viz import attention_html
 
 
 @dataclass
@@ -96,8 +97,6 @@ def ioi_analysis(model: nn.Module, tokenizer: Any, n: int = 64, seed: int = 0, t
 
 
 def _write(report: IOIReport, cache: Any, tokens: list[str], top: list[tuple[int, int]], out_dir: str) -> dict:
-    from hookvene.viz import attention_html
-
     os.makedirs(out_dir, exist_ok=True)
     files = {"head patching heatmap": os.path.join(out_dir, "ioi_heads.png"),
              "residual patching heatmap": os.path.join(out_dir, "ioi_resid.png"),

@@ -21,9 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hookvene.experiments.metrics import Metric, PositionMetric
+from hookvene.experiments.metrics import Metric
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, Resume, check_model, metric_values, run_cells
+from hookvene.experiments.sweep import (
+    Cell,
+    check_model,
+    check_pair,
+    first_read_position,
+    record,
+    run_cells,
+    shared_prefix,
+)
+from hookvene.plan import Patch
 from hookvene.utils import as_inputs
 
 
@@ -71,51 +80,6 @@ def _grid(model: nn.Module, kind: Kind, n_pos: int) -> tuple[list[list[Any]], li
     return cells, [str(x) for x in layers], [str(i) for i in range(sizes[dim])], "layer", label
 
 
-def _check_pair(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> None:
-    a, b = clean["input_ids"].shape, corrupted["input_ids"].shape
-    if a != b:
-        raise ValueError(f"clean {tuple(a)} and corrupted {tuple(b)} inputs must have the same shape to be patched "
-                         f"position by position")
-
-
-def _shared_prefix(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> int:
-    """How many leading positions have the same inputs (ids, padding mask, position ids) in every example of both
-    runs. Attention is causal, so both runs compute the same activations there: patching them changes nothing."""
-    known = {"input_ids", "attention_mask", "position_ids"}
-    if set(clean) - known or set(corrupted) - known:
-        return 0  # inputs we cannot reason about
-    ids = clean["input_ids"]
-    same = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
-    for key in known:
-        a, b = clean.get(key), corrupted.get(key)
-        if key == "attention_mask" and (a is None) != (b is None):
-            a, b = (torch.ones_like(ids) if a is None else a), (torch.ones_like(ids) if b is None else b)
-        if a is None and b is None:
-            continue
-        if a is None or b is None:
-            return 0
-        same &= (a == b).all(dim=0)
-    return int(same.long().cumprod(0).sum())
-
-
-def _baselines(model: nn.Module, clean: dict[str, Tensor], corrupted: dict[str, Tensor], metric: Metric,
-               hooks: list[str]) -> tuple[dict[str, Tensor], float, float, Resume]:
-    """Clean activations at `hooks`, both baselines, and the corrupted run to resume sweeps from (its residual
-    stream entering every block, its keys and values)."""
-    n_layers = model.cfg.n_layers
-    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    with torch.no_grad():  # both runs stop after the last block: the metric reads the unembedding where it needs it
-        out, cache = model.run_with_cache(**clean, names_filter=hooks, stop_at_layer=n_layers)
-        corrupted_out, corrupted_cache = model.run_with_cache(**corrupted, names_filter=resid, use_cache=True,
-                                                              stop_at_layer=n_layers)
-        ex = torch.arange(out.last_hidden_state.shape[0], device=out.last_hidden_state.device)
-        clean_m, corrupted_m = (metric_values(model, {"inputs_embeds": o.last_hidden_state, "start_at_layer": n_layers},
-                                              metric, ex).mean() for o in (out, corrupted_out))
-    states = {layer: corrupted_cache[h] for layer, h in enumerate(resid)}
-    resume = Resume(states, corrupted_out.past_key_values, corrupted.get("attention_mask"))
-    return dict(cache), float(clean_m), float(corrupted_m), resume
-
-
 def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric, kind: str = "resid_pre",
                      batch_size: int = 64, progress: bool = False) -> SweepResult:
     """Exact patching sweep: for every cell, the mean metric of the corrupted run with that one clean activation
@@ -127,37 +91,32 @@ def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metri
     check_model(model, "activation_patch")
     k = _kind(kind)
     clean, corrupted = as_inputs(clean), as_inputs(corrupted)
-    _check_pair(clean, corrupted)
-    n_ex, n_pos = corrupted["input_ids"].shape
-    cells, rows, cols, row_label, col_label = _grid(model, k, n_pos)
-    hooks = sorted({k.hook.format(layer=c[0]) for c in cells})
-    stored, clean_m, corrupted_m, resume = _baselines(model, clean, corrupted, metric, hooks)
+    check_pair(clean, corrupted)
+    n_pos = corrupted["input_ids"].shape[1]
+    grid, rows, cols, row_label, col_label = _grid(model, k, n_pos)
+    hooks = sorted({k.hook.format(layer=c[0]) for c in grid})
+    source = record(model, clean, metric, hooks)
+    base = record(model, corrupted, metric, resume=True)
 
     # The first position each cell recomputes: the one it patches (or the earliest position the metric reads, if
-    # that comes first); for cells without a position, the first where clean and corrupted inputs differ. A metric
-    # that is not a PositionMetric may read every position's logits, so then every cell starts at 0.
-    shared, read_min = 0, 0
-    if isinstance(metric, PositionMetric):
-        read_min = int(metric.positions(torch.arange(n_ex, device=corrupted["input_ids"].device), n_pos).min())
-        shared = min(_shared_prefix(clean, corrupted), read_min)
-    starts = [min(fixed["pos"], read_min) if "pos" in fixed else shared for _, fixed in cells]
-    live = [i for i, (_, fixed) in enumerate(cells) if fixed.get("pos", shared) >= shared]
-    pos_dim = next(i + 1 for i, d in enumerate(k.layout) if d in ("pos", "q"))  # query positions in `stored`
-    values = torch.full((len(cells),), corrupted_m, dtype=torch.float64 if model.dtype == torch.float64 else None)
-    groups = sorted({starts[i] for i in live})
-    from tqdm.auto import tqdm
-
-    for offset in tqdm(groups, desc=f"patch {kind}", disable=not progress or len(groups) == 1, unit="position"):
-        ids = [i for i in live if starts[i] == offset]
-        shift = {"pos": offset}  # patch indices count from the first recomputed position
-        patches = [[Patch(k.hook.format(layer=layer), tuple(fixed[d] - shift.get(d, 0) if d in fixed else None
-                                                            for d in k.layout))] for layer, fixed in
-                   (cells[i] for i in ids)]
-        cut = {h: v.narrow(pos_dim, offset, n_pos - offset) for h, v in stored.items()}
-        values[ids] = run_cells(model, patches, cut, metric, resume, offset, batch_size,
-                                progress=progress and len(groups) == 1 and f"patch {kind}").cpu().to(values.dtype)
+    # that comes first); for cells without a position, the first where clean and corrupted inputs differ. Cells
+    # patching where the inputs agree change nothing: they keep the corrupted baseline without running.
+    read_min = first_read_position(metric, corrupted)
+    shared = min(shared_prefix(clean, corrupted), read_min)
+    pos_dim = next(i for i, d in enumerate(k.layout) if d in ("pos", "q"))  # query positions in the index
+    cells, live = [], []
+    for i, (layer, fixed) in enumerate(grid):
+        if fixed.get("pos", shared) < shared:
+            continue
+        index = tuple(fixed.get(d) for d in k.layout)
+        cells.append(Cell((Patch(k.hook.format(layer=layer), index, pos_dim=pos_dim),),
+                          min(fixed["pos"], read_min) if "pos" in fixed else shared))
+        live.append(i)
+    values = torch.full((len(grid),), base.metric, dtype=torch.float64 if model.dtype == torch.float64 else None)
+    values[live] = run_cells(model, cells, source.stored, metric, base.resume, batch_size,
+                             progress=progress and f"patch {kind}").cpu().to(values.dtype)
     return SweepResult(values.view(len(rows), len(cols)), kind, getattr(metric, "__name__", "metric"),
-                       row_label, col_label, rows, cols, clean_m, corrupted_m)
+                       row_label, col_label, rows, cols, source.metric, base.metric)
 
 
 def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
@@ -168,11 +127,12 @@ def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metr
     check_model(model, "attribution_patch")
     k = _kind(kind)
     clean, corrupted = as_inputs(clean), as_inputs(corrupted)
-    _check_pair(clean, corrupted)
-    cells, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
-    layers = sorted({c[0] for c in cells})
+    check_pair(clean, corrupted)
+    grid, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
+    layers = sorted({c[0] for c in grid})
     hooks = [k.hook.format(layer=layer) for layer in layers]
-    stored, clean_m, _, _ = _baselines(model, clean, corrupted, metric, hooks)
+    source = record(model, clean, metric, hooks)
+    stored, clean_m = source.stored, source.metric
     acts: dict[str, Tensor] = {}
 
     def keep(x: Tensor, hook: Any) -> None:

@@ -20,26 +20,33 @@ import torch
 from torch import nn
 
 from hookvene.experiments.metrics import Metric
-from hookvene.experiments.patching import _baselines, _check_pair
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Patch, check_model, metric_values, patch_hooks
+from hookvene.experiments.sweep import (
+    Cell,
+    check_model,
+    check_pair,
+    first_read_position,
+    record,
+    record_cells,
+    run_cells,
+    shared_prefix,
+)
+from hookvene.plan import Patch
 from hookvene.utils import as_inputs
 
 Z = "blocks.{layer}.attn.hook_z"
 
 
-def _chunks(n_cells: int, n_ex: int, batch_size: int) -> list[range]:
-    per = max(1, batch_size // n_ex)
-    return [range(s, min(s + per, n_cells)) for s in range(0, n_cells, per)]
-
-
 def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
                receivers: str | Sequence[tuple[str, int]] = "logits",
                senders: Sequence[tuple[int, int]] | None = None, batch_size: int = 64) -> SweepResult:
-    """Path-patching effect of each sender head (default: every head) through `receivers` (see module doc)."""
+    """Path-patching effect of each sender head (default: every head) through `receivers` (see module doc).
+
+    Every cell resumes from the clean run at the sender's layer (or the first receiver's, if earlier); positions
+    where clean and corrupted inputs agree come from the clean run's KV cache."""
     check_model(model, "path_patch")
     clean, corrupted = as_inputs(clean), as_inputs(corrupted)
-    _check_pair(clean, corrupted)
+    check_pair(clean, corrupted)
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     senders = list(senders) if senders is not None else [(lay, h) for lay in range(n_layers) for h in range(n_heads)]
@@ -47,22 +54,7 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
     if bad:
         raise ValueError(f"sender heads {bad} out of range: the model has {n_layers} layers x {n_heads} heads")
     direct = receivers == "logits"
-    outs = [f"blocks.{layer}.hook_{k}_out" for layer in range(n_layers) for k in ("attn", "mlp")]
-    zs = [Z.format(layer=layer) for layer in range(n_layers)]
-    stored, clean_m, corrupted_m, _ = _baselines(model, clean, corrupted, metric, zs + outs)
-    with torch.no_grad():
-        _, corr_cache = model.run_with_cache(**corrupted, names_filter=zs)
-    stored |= {f"corrupted:{h}": corr_cache[h] for h in zs}
-    n_ex = clean["input_ids"].shape[0]
-
-    def sender_patch(layer: int, head: int) -> Patch:
-        return Patch(Z.format(layer=layer), (None, head, None), store=f"corrupted:{Z.format(layer=layer)}")
-
-    if direct:
-        cells = [[sender_patch(lay, h), Patch(f"blocks.{lay}.hook_mlp_out")]
-                 + [Patch(f"blocks.{j}.hook_{k}_out") for j in range(lay + 1, n_layers) for k in ("attn", "mlp")]
-                 for lay, h in senders]
-    else:
+    if not direct:
         receivers = list(receivers)
         per_head = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")
         bad = [r for r, _ in receivers if r not in model.hook_dict or not r.endswith(per_head)]
@@ -72,28 +64,36 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
         bad_heads = [(r, h) for r, h in receivers if not 0 <= h < n_heads]
         if bad_heads:
             raise ValueError(f"receiver heads {bad_heads} out of range: the model has {n_heads} heads")
-        cells = [[sender_patch(lay, h)] + [Patch(Z.format(layer=j), (None, k, None)) for j in range(n_layers)
-                                           for k in range(n_heads) if (j, k) != (lay, h)] for lay, h in senders]
-    values = torch.empty(len(senders))
-    with torch.no_grad():
-        for chunk in _chunks(len(senders), n_ex, batch_size):
-            cell_of_row = torch.tensor(list(chunk)).repeat_interleave(n_ex)
-            ex = torch.arange(n_ex).repeat(len(chunk))
-            batch = {k: v[ex] for k, v in clean.items()}
-            hooks = patch_hooks(cells, cell_of_row, ex, stored)
-            if not direct:
-                with model.hooks(fwd_hooks=hooks):  # pass 1: record what the receivers read
-                    _, recorded = model.run_with_cache(**batch, names_filter=sorted({r for r, _ in receivers}))
-                second = [[Patch(r, (None, head, None), store=f"recorded:{r}") for r, head in receivers]] * len(cells)
-                rows = torch.arange(len(ex))
-                hooks = patch_hooks(second, cell_of_row, ex, {f"recorded:{k}": v for k, v in recorded.items()},
-                                    store_row=rows)
-            with model.hooks(fwd_hooks=hooks):
-                v = metric_values(model, batch, metric, ex)
-            values[chunk.start:chunk.stop] = v.view(len(chunk), n_ex).mean(1).cpu()
+    outs = [f"blocks.{layer}.hook_{k}_out" for layer in range(n_layers) for k in ("attn", "mlp")]
+    zs = [Z.format(layer=layer) for layer in range(n_layers)]
+    base = record(model, clean, metric, zs + outs, resume=True)  # the run every cell patches
+    source = record(model, corrupted, metric, zs)
+    stored = {f"clean:{h}": v for h, v in base.stored.items()} | {f"corrupted:{h}": v for h, v in source.stored.items()}
+    offset = min(shared_prefix(clean, corrupted), first_read_position(metric, clean))
+
+    def sender(layer: int, head: int) -> Patch:
+        return Patch(Z.format(layer=layer), (None, head, None), store=f"corrupted:{Z.format(layer=layer)}")
+
+    def freeze(hook: str, head: int | None = None) -> Patch:  # back to the clean run's value
+        return Patch(hook, (None,) if head is None else (None, head, None), store=f"clean:{hook}")
+
+    if direct:
+        def later(lay: int) -> list[Patch]:  # every attention and MLP output after the sender's layer
+            return [freeze(f"blocks.{j}.hook_{k}_out") for j in range(lay + 1, n_layers) for k in ("attn", "mlp")]
+        cells = [Cell((sender(lay, h), freeze(f"blocks.{lay}.hook_mlp_out"), *later(lay)), offset)
+                 for lay, h in senders]
+    else:  # pass 1 records what the receivers read; pass 2 patches only that in
+        first = [Cell((sender(lay, h), *(freeze(Z.format(layer=j), k) for j in range(lay, n_layers)
+                                         for k in range(n_heads) if (j, k) != (lay, h)))) for lay, h in senders]
+        hooks = sorted({r for r, _ in receivers})
+        recorded = record_cells(model, first, stored, hooks, base.resume, batch_size)
+        stored |= {f"recorded:{c}:{h}": recorded[h][c] for c in range(len(senders)) for h in hooks}
+        cells = [Cell(tuple(Patch(r, (None, head, None), store=f"recorded:{c}:{r}") for r, head in receivers), offset)
+                 for c in range(len(senders))]
+    values = run_cells(model, cells, stored, metric, base.resume, batch_size).cpu()
     grid = torch.full((n_layers, n_heads), float("nan"))
     for (lay, h), v in zip(senders, values):
         grid[lay, h] = v
     return SweepResult(grid, "path_patch:" + ("logits" if direct else ",".join(f"{r}[{h}]" for r, h in receivers)),
                        getattr(metric, "__name__", "metric"), "layer", "head", [str(x) for x in range(n_layers)],
-                       [str(h) for h in range(n_heads)], clean_m, corrupted_m)
+                       [str(h) for h in range(n_heads)], base.metric, source.metric)

@@ -6,6 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hookvene.viz import heatmap
+
 
 @dataclass
 class SweepResult:
@@ -48,8 +50,6 @@ class SweepResult:
 
     def plot(self, path: str | None = None, title: str | None = None, **kwargs: Any) -> Any:
         """Heatmap (matplotlib) labelled with the row/column names; saved to `path` (PNG/SVG by extension)."""
-        from hookvene.viz import heatmap
-
         return heatmap(self.values, self.rows, self.cols, row_label=self.row_label, col_label=self.col_label,
                        title=title or f"{self.kind}: {self.metric}", path=path, **kwargs)
 

@@ -1,19 +1,24 @@
-"""The batched engine behind every sweep: many patching cells, one forward pass per chunk of rows.
+"""The one engine behind every sweep: cells of patches, run as stacked batch rows, resumed mid-model.
 
-A *cell* is a list of `Patch`es (hook, index) that overwrite a run's activation with a stored one (e.g. the clean
-run's residual stream at layer 3, position 5). A sweep over C cells and B examples becomes C x B rows stacked along
-the batch dimension and run in chunks of `batch_size` rows; each row's hook functions write only that row. The
-stored activations come from one cached run, so nothing is recomputed per cell, and nothing calls `.item()`
-inside the loop: the metric is reduced on the device and read once at the end.
+A *cell* is a set of `Patch`es (see `hookvene.plan`) that overwrite a run's activations with stored ones (e.g. the
+clean run's residual stream at layer 3, position 5). A sweep over C cells and B examples is C x B rows stacked along
+the batch dimension, `batch_size` rows per forward pass at most; each row's hook functions write only that row. The
+stored activations come from one cached run, so nothing is recomputed per cell, and nothing calls `.item()` inside
+the loop: the metric is reduced on the device and read once at the end.
 
-Cells skip what cannot change: each resumes from the unpatched run's residual stream at the first block it
-patches (`Resume`), positions before any patch come from a KV cache, and rows resuming at different blocks
-share one staggered forward pass (`staggered_forward`).
+    clean = record(model, clean_inputs, metric, hooks=[...])                  # activations to patch in
+    base = record(model, corrupted_inputs, metric, resume=True)               # the run the cells resume
+    values = run_cells(model, cells, clean.stored, metric, base.resume)       # one mean metric per cell
+
+Cells skip what cannot change: each resumes from the base run's residual stream at the first block it patches
+(`Resume`); positions before the cell's `offset` (no patch there, no metric read) come from the base run's KV cache;
+rows resuming at different blocks share one staggered forward pass (`staggered_forward`); and when the metric reads
+only the last position, the last block and the unembedding run there only.
 """
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,104 +26,130 @@ from torch import Tensor, nn
 
 from hookvene.experiments.metrics import Metric, PositionMetric
 from hookvene.hooks import StopForward
-from hookvene.models._common import KVCache
-from hookvene.models.gpt2 import GPT2LM
-from hookvene.models.gpt_neo import GPTNeoLM
+from hookvene.models.common import KVCache
+from hookvene.plan import Attachment, Patch, attach, patch_rows
 
-RowHooks = Callable[[Tensor, Tensor], list[tuple[str, Callable]]]  # (example idx, cell idx) per row -> hooks
+RowHooks = Callable[[Tensor, Tensor], list[Attachment]]  # (example idx, cell idx) per row -> hook functions
 
 
 @dataclass(frozen=True)
-class Patch:
-    """Overwrite `hook`'s activation at `index` (over the dims after batch; None = the whole dim) with the
-    stored activation `stored[store or hook]` at the same index."""
+class Cell:
+    """One sweep cell: its patches (indices count absolute positions), and the first position it recomputes.
+    No patch may touch, and the metric may not read, a position before `offset`."""
 
-    hook: str
-    index: tuple[int | None, ...] = ()
-    store: str | None = None
+    patches: tuple[Patch, ...]
+    offset: int = 0
 
 
 def check_model(model: nn.Module, what: str) -> None:
     """The sweeps resume runs mid-model (`start_at_layer`) and read logits: decoder-only models with an LM head."""
-    if not isinstance(model, (GPT2LM, GPTNeoLM)):
+    if not (getattr(model, "can_resume", False) and getattr(model, "has_lm_head", False)):
         raise ValueError(f"{what} works on hookvene's decoder-only language models (GPT-2, GPT-Neo, with their LM "
                          f"head); got {type(model).__name__}. For other models, patch with pv.IntervenableModel.")
 
 
-def _index(rows: Tensor, ints: Tensor, pattern: tuple[bool, ...], shape: Sequence[int]) -> tuple[Tensor, ...]:
-    """Advanced index selecting, per row, the given ints at int dims and everything at None dims."""
-    n, n_full = rows.shape[0], sum(1 for is_int in pattern if not is_int)
-    lead = (n,) + (1,) * n_full
-    idx, col, axis = [rows.view(lead)], 0, 1
-    for dim, is_int in enumerate(pattern):
-        if is_int:
-            idx.append(ints[:, col].view(lead))
-            col += 1
-        else:
-            size = [1] * (1 + n_full)
-            size[axis] = shape[dim]
-            idx.append(torch.arange(shape[dim], device=rows.device).view(size))
-            axis += 1
-    return tuple(idx)
+def check_pair(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> None:
+    a, b = clean["input_ids"].shape, corrupted["input_ids"].shape
+    if a != b:
+        raise ValueError(f"clean {tuple(a)} and corrupted {tuple(b)} inputs must have the same shape to be patched "
+                         f"position by position")
 
 
-def patch_hooks(cells: Sequence[Sequence[Patch]], cell_of_row: Tensor, example_of_row: Tensor,
-                stored: dict[str, Tensor], store_row: Tensor | None = None) -> list[tuple[str, Callable]]:
-    """Hook functions that apply every row's patches, one vectorised index_put per (hook, store, index pattern).
-
-    Row r reads `stored[...][store_row[r]]` (default: its example index)."""
-    store_row = example_of_row if store_row is None else store_row
-    groups: dict[tuple[str, str, tuple[bool, ...]], tuple[list[int], list[list[int]]]] = {}
-    cell_rows: dict[int, list[int]] = {}
-    for r, c in enumerate(cell_of_row.tolist()):
-        cell_rows.setdefault(c, []).append(r)
-    for c, rows in cell_rows.items():
-        for p in cells[c]:
-            key = (p.hook, p.store or p.hook, tuple(i is not None for i in p.index))
-            rs, ints = groups.setdefault(key, ([], []))
-            rs += rows
-            ints += [[i for i in p.index if i is not None]] * len(rows)
-    hooks = []
-    device = example_of_row.device
-    for (hook, store, pattern), (rs, ints) in groups.items():
-        rows_t = torch.tensor(rs, device=device)
-        ints_t = torch.tensor(ints, dtype=torch.long, device=device).view(len(rs), -1)
-        src = stored[store]
-
-        def fn(x: Tensor, _hook: Any, rows_t: Tensor = rows_t, ints_t: Tensor = ints_t, pattern=pattern,
-               src: Tensor = src) -> Tensor:
-            dst = _index(rows_t, ints_t, pattern, x.shape[1:])
-            val = src[(store_row[rows_t].view(dst[0].shape),) + dst[1:]]
-            return x.index_put(dst, val.to(x.dtype))
-        hooks.append((hook, fn))
-    return hooks
+def shared_prefix(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> int:
+    """How many leading positions have the same inputs (ids, padding mask, position ids) in every example of both
+    runs. Attention is causal, so both runs compute the same activations there: patching them changes nothing."""
+    known = {"input_ids", "attention_mask", "position_ids"}
+    if set(clean) - known or set(corrupted) - known:
+        return 0  # inputs we cannot reason about
+    ids = clean["input_ids"]
+    same = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+    for key in known:
+        a, b = clean.get(key), corrupted.get(key)
+        if key == "attention_mask" and (a is None) != (b is None):
+            a, b = (torch.ones_like(ids) if a is None else a), (torch.ones_like(ids) if b is None else b)
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            return 0
+        same &= (a == b).all(dim=0)
+    return int(same.long().cumprod(0).sum())
 
 
-def _stack_forward(model: nn.Module) -> Callable[..., Any]:
-    """The model's forward without its unembedding (GPT2LM -> GPT2.forward), for metrics read at one position."""
-    for cls in type(model).__mro__[1:]:
-        if "forward" in cls.__dict__:
-            return lambda **kw: cls.forward(model, **kw)
-    raise ValueError(f"{type(model).__name__} has no base forward")
+def first_read_position(metric: Metric, inputs: dict[str, Tensor]) -> int:
+    """The earliest position the metric reads (0 for a plain function metric, which may read every position)."""
+    if not isinstance(metric, PositionMetric):
+        return 0
+    ids = inputs["input_ids"]
+    return int(metric.positions(torch.arange(ids.shape[0], device=ids.device), ids.shape[1]).min())
 
 
-def metric_values(model: nn.Module, batch: dict[str, Tensor], metric: Metric, example_of_row: Tensor,
-                  offset: int = 0) -> Tensor:
-    """One forward pass (hooks already attached) -> the metric per row. A PositionMetric gets the unembedding
-    computed at its positions only (hook_logits does not fire then); `offset` is the absolute position of the
-    batch's first position (runs that resume from a KV cache)."""
-    if isinstance(metric, PositionMetric) and getattr(model, "unembed", None) is not None:
-        hidden = _stack_forward(model)(**batch).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        at = metric.positions(example_of_row, offset + hidden.shape[1]) - offset
-        final = hidden[rows, at]
-        if metric.tokens is None:
-            return metric.fn(model.unembed(final), example_of_row)
-        ids = metric.tokens(example_of_row)  # only these rows of the unembedding
-        logits = torch.einsum("rd,rkd->rk", final, model.unembed.weight[ids])
-        bias = getattr(model.unembed, "bias", None)
-        return metric.fn(logits if bias is None else logits + bias[ids], example_of_row)
-    return metric(model(**batch).logits, example_of_row)
+def metric_values(model: nn.Module, resid: Tensor, metric: Metric, example_of_row: Tensor, offset: int = 0) -> Tensor:
+    """The metric per row from the residual stream leaving the last block, `resid` (rows, pos, d_model), whose
+    first position is absolute position `offset`. A PositionMetric gets the unembedding at its positions only
+    (and of its tokens only, when it names them)."""
+    if not isinstance(metric, PositionMetric):
+        return metric(model.unembed_resid(resid), example_of_row)
+    rows = torch.arange(resid.shape[0], device=resid.device)
+    final = resid[rows, metric.positions(example_of_row, offset + resid.shape[1]) - offset]
+    tokens = None if metric.tokens is None else metric.tokens(example_of_row)
+    return metric.fn(model.unembed_resid(final, tokens), example_of_row)
+
+
+@dataclass
+class Resume:
+    """A run that sweep cells resume from: `states[l]` is its residual stream entering block l (examples, pos,
+    d_model), `kv` its keys and values (needed to resume after position 0), `attention_mask` its padding mask."""
+
+    states: dict[int, Tensor]
+    kv: KVCache | None = None
+    attention_mask: Tensor | None = None
+
+    def prefix(self, offset: int) -> KVCache | None:
+        """Keys and values of the positions before `offset`."""
+        if not offset:
+            return None
+        if self.kv is None:
+            raise ValueError("resuming after position 0 needs the unpatched run's keys and values (Resume.kv)")
+        cut = KVCache()
+        for layer in self.kv.keys:
+            cut.keys[layer], cut.values[layer] = self.kv.keys[layer][:, :offset], self.kv.values[layer][:, :offset]
+        return cut
+
+
+@dataclass
+class Run:
+    """What a sweep keeps of one unpatched run: its mean metric, activations at chosen hooks, and (if asked) what
+    cells need to resume it."""
+
+    metric: float
+    stored: dict[str, Tensor]
+    resume: Resume | None = None
+
+
+def record(model: nn.Module, inputs: dict[str, Tensor], metric: Metric, hooks: Sequence[str] = (),
+           resume: bool = False, attachments: Sequence[Attachment] = ()) -> Run:
+    """One run (with `attachments` on, e.g. noise): the mean metric, the activations at `hooks`, and with `resume`
+    its residual stream entering every block and its KV cache. It stops after the last block: the metric unembeds
+    only where it reads."""
+    n_layers = model.cfg.n_layers
+    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] if resume else []
+    names = sorted(set(hooks) | set(resid))
+    with torch.no_grad(), attach(model, attachments):
+        out, cache = model.run_with_cache(**inputs, names_filter=names, use_cache=resume, stop_at_layer=n_layers)
+        x = out.last_hidden_state
+        value = float(metric_values(model, x, metric, torch.arange(x.shape[0], device=x.device)).mean())
+    states = Resume({layer: cache[h] for layer, h in enumerate(resid)}, out.past_key_values,
+                    inputs.get("attention_mask")) if resume else None
+    return Run(value, {h: cache[h] for h in hooks}, states)
+
+
+def start_layer(hooks: Sequence[str]) -> int:
+    """The first block any of these hooks is in."""
+    layers = [re.match(r"blocks\.(\d+)\.", h) for h in hooks]
+    if not all(layers):
+        raise ValueError(f"sweep cells resume at a block, so every patch must be inside one; got "
+                         f"{[h for h, m in zip(hooks, layers) if not m]}")
+    return min(int(m.group(1)) for m in layers)
 
 
 @dataclass
@@ -133,7 +164,8 @@ class Entry:
 
 def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: RowHooks | None = None,
                       prefix: KVCache | None = None, attention_mask: Tensor | None = None,
-                      last_position_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                      last_position_only: bool = False,
+                      stop_at_layer: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Run rows that resume at different blocks as one growing batch, one block at a time.
 
     At block l the batch holds every row that entered at or before l, so cells that resume late share the
@@ -141,27 +173,27 @@ def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: Row
     as running them apart, at far better throughput on small batches). `row_hooks(example_of_row, cell_of_row)`
     gives the hooks for the current batch. `prefix` holds, per example, the keys and values of the positions
     before the rows' first one, for runs that recompute only a suffix of the prompt; `attention_mask` is per
-    example and covers those too. Returns the residual stream after the last block (rows, pos, d_model) with
-    each row's example and cell index, rows in order of entry.
+    example and covers those too. Returns the residual stream entering block `stop_at_layer` (default: leaving
+    the last block), (rows, pos, d_model), with each row's example and cell index, rows in order of entry.
 
     `last_position_only`: only the final position's output will be read, so the last block computes keys and
     values at every position but the rest of the block (attention output, MLP) at the final position only,
     unless a row hook acts inside that block; the returned stream then has that one position.
     """
-    n_layers = model.cfg.n_layers
+    end = model.cfg.n_layers if stop_at_layer is None else stop_at_layer
     entries = sorted(entries, key=lambda e: e.layer)
     x, ex, cell = entries[0].state, entries[0].example_of_row, entries[0].cell_of_row
     joining = iter(entries[1:])
     nxt = next(joining, None)
-    hooks: list = []
+    hooks: list[Attachment] = []
     stale = row_hooks is not None  # the hooks index rows: (re)build them only when the batch has changed
-    for layer in range(entries[0].layer, n_layers + 1):
+    for layer in range(entries[0].layer, end + 1):
         while nxt is not None and nxt.layer == layer:
             state = nxt.state[:, -x.shape[1]:]  # rows joining after the last block: x may be cut to one position
             x, ex = torch.cat([x, state]), torch.cat([ex, nxt.example_of_row])
             cell = torch.cat([cell, nxt.cell_of_row])
             nxt, stale = next(joining, None), row_hooks is not None
-        if layer == n_layers:
+        if layer == end:
             break
         if stale:
             hooks, stale = row_hooks(ex, cell), False
@@ -170,10 +202,11 @@ def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: Row
             cache = KVCache()
             cache.keys[layer], cache.values[layer] = prefix.keys[layer][ex], prefix.values[layer][ex]
         mask = attention_mask[ex] if attention_mask is not None else None
-        if last_position_only and layer == n_layers - 1 and not any(h.startswith(f"blocks.{layer}.") for h, _ in hooks):
+        in_block = any(a.name.startswith(f"blocks.{layer}.") for a in hooks)
+        if last_position_only and layer == model.cfg.n_layers - 1 and not in_block:
             x = _last_block_at_last_position(model, x, cache, mask)
             continue
-        with model.hooks(fwd_hooks=hooks):
+        with attach(model, hooks):
             x = model(inputs_embeds=x, start_at_layer=layer, stop_at_layer=layer + 1, past_key_values=cache,
                       attention_mask=mask).last_hidden_state
     if last_position_only:
@@ -192,7 +225,7 @@ def _last_block_at_last_position(model: nn.Module, x: Tensor, cache: KVCache | N
 
     if x.shape[1] > 1:
         try:
-            with model.hooks(fwd_hooks=[(f"blocks.{layer}.attn.hook_z", stop)]):
+            with attach(model, [Attachment(f"blocks.{layer}.attn.hook_z", stop)]):
                 model(inputs_embeds=x[:, :-1], start_at_layer=layer, past_key_values=cache,
                       attention_mask=None if mask is None else mask[:, :-1])
         except StopForward:
@@ -201,74 +234,106 @@ def _last_block_at_last_position(model: nn.Module, x: Tensor, cache: KVCache | N
                  attention_mask=mask).last_hidden_state
 
 
-def start_layer(cell: Sequence[Patch]) -> int:
-    """The first block a cell touches."""
-    layers = [re.match(r"blocks\.(\d+)\.", p.hook) for p in cell]
-    if not all(layers):
-        raise ValueError(f"sweep cells resume at a block, so every patch must be inside one; got "
-                         f"{[p.hook for p, m in zip(cell, layers) if not m]}")
-    return min(int(m.group(1)) for m in layers)
-
-
 @dataclass
-class Resume:
-    """The unpatched run that sweep cells resume from: `states[l]` is its residual stream entering block l
-    (examples, pos, d_model), `kv` its keys and values (needed to resume after position 0), `attention_mask` its
-    padding mask."""
+class Chunk:
+    """One staggered forward pass of a sweep: which cells it ran, and its output rows."""
 
-    states: dict[int, Tensor]
-    kv: KVCache | None = None
-    attention_mask: Tensor | None = None
-
-    def prefix(self, offset: int) -> KVCache | None:
-        """Keys and values of the positions before `offset`."""
-        if not offset:
-            return None
-        if self.kv is None:
-            raise ValueError("resuming after position 0 needs the unpatched run's keys and values (Resume.kv)")
-        cut = KVCache()
-        for layer in self.kv.keys:
-            cut.keys[layer], cut.values[layer] = self.kv.keys[layer][:, :offset], self.kv.values[layer][:, :offset]
-        return cut
+    cells: list[int]  # indices into the sweep's cells
+    x: Tensor  # the residual stream the pass returned
+    example_of_row: Tensor
+    cell_of_row: Tensor  # indices into the sweep's cells
+    offset: int
 
 
-def run_cells(model: nn.Module, cells: Sequence[Sequence[Patch]], stored: dict[str, Tensor], metric: Metric,
-              resume: Resume, offset: int = 0, batch_size: int = 64, progress: bool | str = False) -> Tensor:
-    """Mean metric over the examples for each cell; returns a (len(cells),) tensor.
-
-    Every cell resumes at position `offset` (earlier positions come from the KV cache: no cell may patch them,
-    and the metric may not read them), at the first block it patches (the blocks before compute the same values
-    for every cell). `stored[hook]` holds the (examples, ...) activations patched in, cut to positions `offset`..
-    like the run, and patch indices count from there. Cells are taken in order of their first block,
-    `batch_size // examples` at a time, and run staggered (see `staggered_forward`), so `batch_size` bounds the
-    rows of one forward pass (the memory budget).
-    """
+def _chunks(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], resume: Resume, batch_size: int,
+            progress: bool | str, last_position_only: bool, record_hooks: dict[str, Callable] | None = None,
+            stop_at_layer: int | None = None) -> Iterator[Chunk]:
+    """Every cell, resumed and run: cells are grouped by offset, cut to positions offset.. (stored activations and
+    patch indices alike), ordered by their first block, and run `batch_size // examples` cells at a time."""
     from tqdm.auto import tqdm
 
+    n_ex = next(iter(resume.states.values())).shape[0]
+    device = next(model.parameters()).device
+    examples = torch.arange(n_ex, device=device)
+    per = max(1, batch_size // n_ex)
+    plan = []
+    for offset in sorted({c.offset for c in cells}):
+        ids = [i for i, c in enumerate(cells) if c.offset == offset]
+        shifted = [[_shift(p, offset) for p in cells[i].patches] for i in ids]
+        cut = {}
+        for p in (p for c in ids for p in cells[c].patches):
+            key = p.store or p.hook
+            if key not in cut:
+                cut[key] = stored[key].narrow(p.pos_dim + 1, offset, stored[key].shape[p.pos_dim + 1] - offset)
+        starts = {i: start_layer([p.hook for p in cells[i].patches] + list(record_hooks or ())) for i in ids}
+        order = sorted(ids, key=starts.__getitem__)
+        plan += [(offset, order[i:i + per], dict(zip(ids, shifted)), cut, starts) for i in range(0, len(order), per)]
+    bar = tqdm(plan, desc=progress if isinstance(progress, str) else "sweep", disable=not progress, unit="chunk")
+    for offset, chunk, shifted, cut, starts in bar:
+        def hooks(ex: Tensor, cell: Tensor, shifted: dict = shifted, cut: dict = cut) -> list[Attachment]:
+            rows = patch_rows(shifted, cell, ex, cut)
+            return rows + [Attachment(h, make(ex, cell)) for h, make in (record_hooks or {}).items()]
+        entries = []
+        for s in sorted({starts[c] for c in chunk}):
+            members = torch.tensor([c for c in chunk if starts[c] == s], device=device)
+            ex = examples.repeat(len(members))
+            entries.append(Entry(s, resume.states[s][ex, offset:], ex, members.repeat_interleave(n_ex)))
+        x, ex, cell = staggered_forward(model, entries, hooks, resume.prefix(offset), resume.attention_mask,
+                                        last_position_only, stop_at_layer)
+        yield Chunk(chunk, x, ex, cell, offset)
+
+
+def _shift(p: Patch, offset: int) -> Patch:
+    """The patch with its position index counted from `offset` (the first recomputed position)."""
+    if not offset or len(p.index) <= p.pos_dim or p.index[p.pos_dim] is None:
+        return p
+    index = list(p.index)
+    index[p.pos_dim] -= offset
+    return replace(p, index=tuple(index))
+
+
+def run_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], metric: Metric, resume: Resume,
+              batch_size: int = 64, progress: bool | str = False) -> Tensor:
+    """The mean metric over the examples of each cell's patched run: a (len(cells),) tensor.
+
+    `stored[key]` holds the (examples, ...) activations patches read; `resume` is the run being patched.
+    `batch_size` bounds the rows of one forward pass (the memory budget)."""
+    if not cells:
+        return torch.empty(0)
     n_ex, n_pos = next(iter(resume.states.values())).shape[:2]
     device = next(model.parameters()).device
-    starts = [start_layer(c) for c in cells]
-    order = sorted(range(len(cells)), key=starts.__getitem__)
-    per = max(1, batch_size // n_ex)
-    chunks = [order[i:i + per] for i in range(0, len(order), per)]
-    out = torch.empty(len(cells), device=device, dtype=torch.float64 if model.dtype == torch.float64 else None)
     examples = torch.arange(n_ex, device=device)
     last_only = isinstance(metric, PositionMetric) and bool((metric.positions(examples, n_pos) == n_pos - 1).all())
-    prefix = resume.prefix(offset)
-
-    def hooks(ex: Tensor, cell: Tensor) -> list:
-        return patch_hooks(cells, cell, ex, stored)
-    bar = tqdm(chunks, desc=progress if isinstance(progress, str) else "sweep", disable=not progress, unit="chunk")
+    out = torch.empty(len(cells), device=device, dtype=torch.float64 if model.dtype == torch.float64 else None)
     with torch.no_grad():
-        for ids in bar:
-            entries = []
-            for s in sorted({starts[i] for i in ids}):
-                members = torch.tensor([i for i in ids if starts[i] == s], device=device)
-                ex = examples.repeat(len(members))
-                entries.append(Entry(s, resume.states[s][ex, offset:], ex, members.repeat_interleave(n_ex)))
-            x, ex, cell = staggered_forward(model, entries, hooks, prefix, resume.attention_mask, last_only)
-            values = metric_values(model, {"inputs_embeds": x, "start_at_layer": model.cfg.n_layers}, metric, ex,
-                                   offset=n_pos - x.shape[1])
-            sums = torch.zeros(len(cells), dtype=out.dtype, device=device).index_add_(0, cell, values.to(out.dtype))
-            out[ids] = sums[ids] / n_ex
+        for chunk in _chunks(model, cells, stored, resume, batch_size, progress, last_only):
+            values = metric_values(model, chunk.x, metric, chunk.example_of_row, offset=n_pos - chunk.x.shape[1])
+            sums = torch.zeros(len(cells), dtype=out.dtype, device=device)
+            sums.index_add_(0, chunk.cell_of_row, values.to(out.dtype))
+            out[chunk.cells] = sums[chunk.cells] / n_ex
+    return out
+
+
+def record_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], hooks: Sequence[str],
+                 resume: Resume, batch_size: int = 64) -> dict[str, Tensor]:
+    """Each cell's patched run read at `hooks` instead of a metric: {hook: (cells, examples, pos - offset, ...)}.
+    The runs stop after the last block holding one of the hooks. Every cell must have the same offset."""
+    offsets = {c.offset for c in cells}
+    if len(offsets) > 1:
+        raise ValueError(f"record_cells needs one offset for all cells, got {sorted(offsets)}")
+    n_ex = next(iter(resume.states.values())).shape[0]
+    out: dict[str, Tensor] = {}
+
+    def saver(h: str) -> Callable[[Tensor, Tensor], Callable]:
+        def make(ex: Tensor, cell: Tensor) -> Callable:
+            def save(x: Tensor, hook: Any) -> None:
+                if h not in out:
+                    out[h] = x.new_zeros(len(cells), n_ex, *x.shape[1:])
+                out[h][cell, ex] = x.detach()
+            return save
+        return make
+    with torch.no_grad():
+        for _ in _chunks(model, cells, stored, resume, batch_size, False, False, {h: saver(h) for h in hooks},
+                         stop_at_layer=max(start_layer([h]) for h in hooks) + 1):
+            pass
     return out

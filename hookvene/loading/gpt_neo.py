@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from hookvene.loading.common import Rule, check_config, convert_state_dict, empty_model, lm_head_rules
-from hookvene.models._common import ACTIVATIONS
+from hookvene.models.common import ACTIVATIONS
 from hookvene.models.gpt_neo import GPTNeo, GPTNeoConfig, GPTNeoLM
 
 RULES = [

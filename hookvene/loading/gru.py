@@ -59,9 +59,9 @@ def from_torch_gru(gru: nn.GRU | dict[str, Tensor], dtype: torch.dtype | None = 
         raise CheckpointError(f"{what} has no weight_ih_l0 / weight_hh_l0: not an nn.GRU state dict "
                               f"(keys: {sorted(state)[:8]})")
     d_hidden, d_in = state["weight_hh_l0"].shape[1], state["weight_ih_l0"].shape[1]
-    n_layer = sum(k.startswith("weight_ih_l") for k in state)
+    n_layers = sum(k.startswith("weight_ih_l") for k in state)
     pdrop = gru.dropout if isinstance(gru, nn.GRU) else 0.0
-    cfg = GRUConfig(n_layer=n_layer, h_dim=d_hidden, d_in=d_in, include_bias="bias_ih_l0" in state,
+    cfg = GRUConfig(n_layers=n_layers, d_model=d_hidden, d_in=d_in, include_bias="bias_ih_l0" in state,
                     pdrop=pdrop)
     with empty_model():
         model = GRU(cfg)

@@ -64,13 +64,13 @@ def config_from_hf(hf: dict[str, Any]) -> T5Config:
     check_config(hf, REQUIRED, "T5")
     gated, act_fn = FEED_FORWARD[hf.get("feed_forward_proj", "relu")]
     tie = hf.get("tie_word_embeddings", True)
-    n_layers = hf.get("num_layers", 6)
-    n_decoder_layers = hf.get("num_decoder_layers") or n_layers
+    n_encoder_layers = hf.get("num_layers", 6)
+    n_decoder_layers = hf.get("num_decoder_layers") or n_encoder_layers
     pad = hf.get("pad_token_id")
     start = hf.get("decoder_start_token_id")
     return T5Config(
         d_vocab=hf.get("vocab_size", 32128), d_model=hf.get("d_model", 512), d_kv=hf.get("d_kv", 64),
-        d_ff=hf.get("d_ff", 2048), n_layers=n_layers, n_decoder_layers=n_decoder_layers,
+        d_ff=hf.get("d_ff", 2048), n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers,
         n_heads=hf.get("num_heads", 8), num_buckets=hf.get("relative_attention_num_buckets", 32),
         max_distance=hf.get("relative_attention_max_distance", 128),
         ln_eps=hf.get("layer_norm_epsilon", 1e-6),

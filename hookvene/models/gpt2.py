@@ -14,17 +14,18 @@ so loading is a renaming table (`hookvene/loading/gpt2.py`). There is no dropout
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from hookvene.hooks import HookedModule, HookPoint
-from hookvene.models._common import (
+from hookvene.hooks import HookPoint
+from hookvene.models.common import (
     ACTIVATIONS,
     Conv1D,
     HFAliases,
+    HookedModel,
     KVCache,
     ModelOutput,
     alias,
@@ -46,7 +47,7 @@ class GPT2Config(HFAliases):
     d_model: int = 768
     n_layers: int = 12
     n_heads: int = 12
-    d_mlp: int = 3072
+    d_mlp: int | None = None  # None: 4 * d_model, as in `transformers`
     act_fn: str = "gelu_new"
     ln_eps: float = 1e-5
     tie_word_embeddings: bool = True
@@ -59,6 +60,8 @@ class GPT2Config(HFAliases):
     }
 
     def __post_init__(self) -> None:
+        if self.d_mlp is None:
+            object.__setattr__(self, "d_mlp", 4 * self.d_model)  # frozen dataclass: set once, here
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.act_fn not in ACTIVATIONS:
@@ -99,6 +102,7 @@ class Attention(nn.Module):
         v = self.hook_v(split_heads(v, self.n_heads))
         if cache is not None:  # generation: attend to the cached prefix too; hooks saw only the new positions
             k, v = cache.update(self.layer, k, v)
+        # z = softmax(q k^T / sqrt(d_head) + mask) v, per head
         z = attend(q, k, v, mask, causal=True, scale=self.scale,
                    hook_scores=self.hook_attn_scores, hook_pattern=self.hook_pattern)
         z = self.hook_z(z)  # batch pos head d_head: each head's mix of values, before the output projection
@@ -138,8 +142,10 @@ class Block(nn.Module):
         return self.hook_resid_post(resid_mid + mlp_out)
 
 
-class GPT2(HookedModule):
+class GPT2(HookedModel):
     """GPT-2 without the LM head: returns `ModelOutput.last_hidden_state` (after the final LayerNorm)."""
+
+    can_resume = True  # forward(start_at_layer=, stop_at_layer=): sweeps resume mid-model
 
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
@@ -183,13 +189,11 @@ class GPT2(HookedModule):
             return ModelOutput(last_hidden_state=x, past_key_values=cache)
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
-    # HuggingFace attribute names (`gpt2.wte.weight`, `model.transformer.h[0]`); hook names do not change.
-    config, wte, wpe, h, ln_f = alias("cfg"), alias("embed"), alias("pos_embed"), alias("blocks"), alias("ln_final")
-    transformer = property(lambda self: self, doc="HuggingFace's `model.transformer`: the model itself.")
-
 
 class GPT2LM(GPT2):
     """GPT-2 with its (tied) unembedding: also returns `logits`, and `loss` when `labels` are given."""
+
+    has_lm_head = can_generate = True
 
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__(cfg)
@@ -198,20 +202,30 @@ class GPT2LM(GPT2):
             self.unembed.weight = self.embed.weight
         self.hook_logits = HookPoint()
 
-    def forward(self, input_ids: Int[Tensor, "batch pos"] | None = None,
-                attention_mask: Int[Tensor, "batch k_pos"] | None = None,
-                position_ids: Int[Tensor, "batch pos"] | None = None,
-                inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int | None = None,
-                stop_at_layer: int | None = None) -> ModelOutput:
-        out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values, use_cache,
-                              start_at_layer, stop_at_layer)
-        if stop_at_layer is not None:  # the residual stream mid-model: nothing to unembed
+    def forward(self, *args: Any, labels: Int[Tensor, "batch pos"] | None = None, **kwargs: Any) -> ModelOutput:
+        """The base model's forward (same arguments), then the unembedding; `loss` when `labels` are given."""
+        out = super().forward(*args, **kwargs)
+        if kwargs.get("stop_at_layer") is not None:  # the residual stream mid-model: nothing to unembed
             return out
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
         if labels is not None:
             out.loss = lm_loss(out.logits, labels)
         return out
 
-    lm_head = alias("unembed")
+    def unembed_resid(self, resid: Float[Tensor, "... d_model"],
+                      tokens: Int[Tensor, "... k"] | None = None) -> Float[Tensor, "... d_vocab"]:
+        """Logits of residual vectors leaving the last block: ln_final, then the unembedding (only the `tokens`
+        rows of it when given: a logit difference needs two of the vocabulary). `hook_logits` does not fire."""
+        x = self.ln_final(resid)
+        if tokens is None:
+            return self.unembed(x)
+        return torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
+
+
+# -- HuggingFace attribute names ----------------------------------------------------------------------------------
+# Code written for `transformers` reaches into the model by HF's names (`gpt2.wte.weight`, `model.transformer.h[0]`,
+# `gpt2.config.n_embd`): these aliases answer to them. Hook names do not change.
+GPT2.config, GPT2.wte, GPT2.wpe = alias("cfg"), alias("embed"), alias("pos_embed")
+GPT2.h, GPT2.ln_f = alias("blocks"), alias("ln_final")
+GPT2.transformer = property(lambda self: self, doc="HuggingFace's `model.transformer`: the model itself.")
+GPT2LM.lm_head = alias("unembed")

@@ -14,16 +14,17 @@ is an analysis model, and `transformers` in eval mode computes the same function
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from hookvene.hooks import HookedModule, HookPoint
-from hookvene.models._common import (
+from hookvene.hooks import HookPoint
+from hookvene.models.common import (
     ACTIVATIONS,
     HFAliases,
+    HookedModel,
     KVCache,
     ModelOutput,
     alias,
@@ -47,7 +48,7 @@ class GPTNeoConfig(HFAliases):
     d_model: int = 768
     n_layers: int = 12
     n_heads: int = 12
-    d_mlp: int = 3072
+    d_mlp: int | None = None  # None: 4 * d_model, as in `transformers`
     act_fn: str = "gelu_new"
     ln_eps: float = 1e-5
     window_size: int = 256
@@ -63,6 +64,8 @@ class GPTNeoConfig(HFAliases):
     }
 
     def __post_init__(self) -> None:
+        if self.d_mlp is None:
+            object.__setattr__(self, "d_mlp", 4 * self.d_model)  # frozen dataclass: set once, here
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.act_fn not in ACTIVATIONS:
@@ -126,6 +129,7 @@ class Attention(nn.Module):
         v = self.hook_v(split_heads(self.v(x), self.n_heads))
         if cache is not None:  # generation: attend to the cached prefix too; hooks saw only the new positions
             k, v = cache.update(self.layer, k, v)
+        # z = softmax(q k^T + mask) v, per head, the mask also hiding keys outside this layer's window.
         # No 1/sqrt(d_head): GPT-Neo was trained unscaled. Scores, pattern and mix run in float32 (a no-op for
         # float32 weights), as `transformers` upcasts q and k; hooks on scores and pattern see float32.
         z = attend(q.float(), k.float(), v.float(), mask, causal=True, scale=1.0,
@@ -167,8 +171,10 @@ class Block(nn.Module):
         return self.hook_resid_post(resid_mid + mlp_out)
 
 
-class GPTNeo(HookedModule):
+class GPTNeo(HookedModel):
     """GPT-Neo without the LM head: returns `ModelOutput.last_hidden_state` (after the final LayerNorm)."""
+
+    can_resume = True  # forward(start_at_layer=, stop_at_layer=): sweeps resume mid-model
 
     def __init__(self, cfg: GPTNeoConfig) -> None:
         super().__init__()
@@ -212,14 +218,12 @@ class GPTNeo(HookedModule):
             return ModelOutput(last_hidden_state=x, past_key_values=cache)
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
-    # HuggingFace attribute names (`tinystory.transformer.wte(...)`, `config.num_layers`); hook names stay.
-    config, wte, wpe, h, ln_f = alias("cfg"), alias("embed"), alias("pos_embed"), alias("blocks"), alias("ln_final")
-    transformer = property(lambda self: self, doc="HuggingFace's `model.transformer`: the model itself.")
-
 
 class GPTNeoLM(GPTNeo):
     """GPT-Neo with its unembedding (tied to the token embedding unless the config says otherwise): also
     returns `logits`, and `loss` when `labels` are given."""
+
+    has_lm_head = can_generate = True
 
     def __init__(self, cfg: GPTNeoConfig) -> None:
         super().__init__(cfg)
@@ -228,20 +232,30 @@ class GPTNeoLM(GPTNeo):
             self.unembed.weight = self.embed.weight
         self.hook_logits = HookPoint()
 
-    def forward(self, input_ids: Int[Tensor, "batch pos"] | None = None,
-                attention_mask: Int[Tensor, "batch k_pos"] | None = None,
-                position_ids: Int[Tensor, "batch pos"] | None = None,
-                inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False,
-                labels: Int[Tensor, "batch pos"] | None = None, start_at_layer: int | None = None,
-                stop_at_layer: int | None = None) -> ModelOutput:
-        out = super().forward(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values,
-                              use_cache, start_at_layer, stop_at_layer)
-        if stop_at_layer is not None:  # the residual stream mid-model: nothing to unembed
+    def forward(self, *args: Any, labels: Int[Tensor, "batch pos"] | None = None, **kwargs: Any) -> ModelOutput:
+        """The base model's forward (same arguments), then the unembedding; `loss` when `labels` are given."""
+        out = super().forward(*args, **kwargs)
+        if kwargs.get("stop_at_layer") is not None:  # the residual stream mid-model: nothing to unembed
             return out
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
         if labels is not None:
             out.loss = lm_loss(out.logits, labels)
         return out
 
-    lm_head = alias("unembed")
+    def unembed_resid(self, resid: Float[Tensor, "... d_model"],
+                      tokens: Int[Tensor, "... k"] | None = None) -> Float[Tensor, "... d_vocab"]:
+        """Logits of residual vectors leaving the last block: ln_final, then the unembedding (only the `tokens`
+        rows of it when given: a logit difference needs two of the vocabulary). `hook_logits` does not fire."""
+        x = self.ln_final(resid)
+        if tokens is None:
+            return self.unembed(x)
+        return torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
+
+
+# -- HuggingFace attribute names ----------------------------------------------------------------------------------
+# Code written for `transformers` reaches into the model by HF's names (`tinystory.transformer.wte(...)`,
+# `config.num_layers`): these aliases answer to them. Hook names do not change.
+GPTNeo.config, GPTNeo.wte, GPTNeo.wpe = alias("cfg"), alias("embed"), alias("pos_embed")
+GPTNeo.h, GPTNeo.ln_f = alias("blocks"), alias("ln_final")
+GPTNeo.transformer = property(lambda self: self, doc="HuggingFace's `model.transformer`: the model itself.")
+GPTNeoLM.lm_head = alias("unembed")

@@ -11,9 +11,10 @@ Hooks inside the loop receive the step (`hook.step`); see `hookvene/hooks.py`. P
 (`x2h` = weight_ih_l{l}, `h2h` = weight_hh_l{l}), so `hookvene/loading/gru.py` loads them by renaming.
 
 Construction mirrors pyvene's GRU (`GRUConfig(h_dim=32)`, `create_gru_classifier`); differences: `d_in` may
-differ from `h_dim`; `last_hidden_state` holds every step (pyvene's holds the final step only); with
-`include_emb`, position embeddings are always added to token embeddings (pyvene adds them only when given
-`position_ids`), while `inputs_embeds` reach layer 0 as given; `pdrop` is stored, but nothing drops out.
+differ from the hidden width `d_model` (pyvene: `h_dim`); `last_hidden_state` holds every step (pyvene's holds
+the final step only); with `include_emb`, position embeddings are always added to token embeddings (pyvene
+adds them only when given `position_ids`), while `inputs_embeds` reach layer 0 as given; `pdrop` is stored,
+but nothing drops out.
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int, Num
 from torch import Tensor, nn
 
-from hookvene.hooks import HookedModule, HookPoint
-from hookvene.models._common import HFAliases, ModelOutput, alias, check_tokens, lm_loss
+from hookvene.hooks import HookPoint
+from hookvene.models.common import HFAliases, HookedModel, ModelOutput, alias, check_tokens, lm_loss
 
 LOSSES = {  # problem_type -> loss(logits, labels), as transformers' sequence classifiers compute it
     "single_label_classification": lambda logits, labels: F.cross_entropy(logits, labels.view(-1)),
@@ -35,48 +36,71 @@ LOSSES = {  # problem_type -> loss(logits, labels), as transformers' sequence cl
 }
 
 
-@dataclass
-class GRUConfig(HFAliases):
-    """pyvene's GRUConfig fields, in its order (so `GRUConfig(h_dim=32)` reads the same), plus `d_in`."""
+PYVENE_NAMES = {"n_layers": "n_layer", "d_model": "h_dim"}
 
-    include_emb: bool = False  # token + position embeddings (wte, wpe) before layer 0
-    vocab_size: int = 50257
-    max_position_embeddings: int = 512
-    n_layer: int = 2
-    h_dim: int = 512
-    n_labels: int = 2
-    include_bias: bool = True
-    pdrop: float = 0.0  # stored for pyvene compatibility; nothing drops out
-    problem_type: str = "single_label_classification"
-    initializer_range: float = 0.02  # std of the embeddings' normal init
-    d_in: int | None = None  # width of layer 0's input; None means h_dim
+
+@dataclass(init=False)
+class GRUConfig(HFAliases):
+    """The GRU's sizes. Canonical names follow the other models (`n_layers`, `d_model` = the hidden width);
+    pyvene's names work too, as keywords and attributes (`GRUConfig(h_dim=32, n_layer=2)`, `cfg.h_dim`), and
+    positional arguments keep pyvene's order."""
+
+    include_emb: bool  # token + position embeddings (wte, wpe) before layer 0
+    vocab_size: int
+    max_position_embeddings: int
+    n_layers: int
+    d_model: int  # hidden width
+    n_labels: int
+    include_bias: bool
+    pdrop: float  # stored for pyvene compatibility; nothing drops out
+    problem_type: str
+    initializer_range: float  # std of the embeddings' normal init
+    d_in: int  # width of layer 0's input (default: d_model)
 
     hf_aliases: ClassVar[dict[str, str]] = {
-        "hidden_size": "h_dim", "d_hidden": "h_dim", "input_size": "d_in", "num_layers": "n_layer",
-        "n_layers": "n_layer", "num_hidden_layers": "n_layer", "num_labels": "n_labels",
-        "d_vocab": "vocab_size",
+        "n_layer": "n_layers", "num_layers": "n_layers", "num_hidden_layers": "n_layers",
+        "h_dim": "d_model", "hidden_size": "d_model", "d_hidden": "d_model", "input_size": "d_in",
+        "num_labels": "n_labels", "d_vocab": "vocab_size",
     }
 
-    def __post_init__(self) -> None:
-        if self.d_in is None:
-            self.d_in = self.h_dim
+    def __init__(self, include_emb: bool = False, vocab_size: int = 50257, max_position_embeddings: int = 512,
+                 n_layer: int | None = None, h_dim: int | None = None, n_labels: int = 2, include_bias: bool = True,
+                 pdrop: float = 0.0, problem_type: str = "single_label_classification",
+                 initializer_range: float = 0.02, d_in: int | None = None, *, n_layers: int | None = None,
+                 d_model: int | None = None) -> None:
+        if (n_layer is not None and n_layers is not None) or (h_dim is not None and d_model is not None):
+            raise ValueError("pass n_layers or pyvene's n_layer, d_model or pyvene's h_dim, not both")
+        self.include_emb, self.vocab_size = include_emb, vocab_size
+        self.max_position_embeddings = max_position_embeddings
+        self.n_layers = n_layers if n_layers is not None else (n_layer if n_layer is not None else 2)
+        self.d_model = d_model if d_model is not None else (h_dim if h_dim is not None else 512)
+        self.n_labels, self.include_bias, self.pdrop = n_labels, include_bias, pdrop
+        self.problem_type, self.initializer_range = problem_type, initializer_range
+        self.d_in = self.d_model if d_in is None else d_in
+        self.check()
+
+    def check(self) -> None:
         for f in fields(self):  # also catches a hand-edited config.json ("h_dim": "32")
             value, want = getattr(self, f.name), (int, float) if f.type is float else f.type
             if not isinstance(value, want) or (isinstance(value, bool) and f.type is not bool):
-                raise ValueError(f"GRUConfig.{f.name} must be of type {f.type}, got {value!r}")
-        small = [f"{n}={getattr(self, n)}" for n in ("vocab_size", "max_position_embeddings", "n_layer",
-                                                      "h_dim", "n_labels", "d_in") if getattr(self, n) < 1]
+                name = f.name + (f" (pyvene: {PYVENE_NAMES[f.name]})" if f.name in PYVENE_NAMES else "")
+                raise ValueError(f"GRUConfig.{name} must be of type {f.type.__name__}, got {value!r}")
+        small = [f"{n}={getattr(self, n)}" for n in ("vocab_size", "max_position_embeddings", "n_layers",
+                                                      "d_model", "n_labels", "d_in") if getattr(self, n) < 1]
         if small:
             raise ValueError(f"GRUConfig fields must be positive: {', '.join(small)}")
         if self.problem_type not in LOSSES:
             raise ValueError(f"problem_type={self.problem_type!r} is not one of {sorted(LOSSES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """pyvene's field names, so that a saved config.json reads as pyvene's does."""
+        return {PYVENE_NAMES.get(k, k): v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GRUConfig":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        """From `to_dict()` output; files saved with pyvene's names (`h_dim`, `n_layer`) read too."""
+        names = {f.name for f in fields(cls)} | {"n_layer", "h_dim"}
+        unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown GRUConfig fields {unknown}; valid: {[f.name for f in fields(cls)]}")
         return cls(**d)
@@ -109,7 +133,7 @@ class GRUCell(nn.Module):
         return self.hook_hidden((1 - z) * n + z * h, step=t)
 
 
-class GRU(HookedModule):
+class GRU(HookedModel):
     """The layer stack: returns `ModelOutput.last_hidden_state`, the last layer's h_t for every step."""
 
     def __init__(self, cfg: GRUConfig) -> None:
@@ -120,8 +144,8 @@ class GRU(HookedModule):
         for emb in (self.wte, self.wpe):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=cfg.initializer_range)
-        self.layers = nn.ModuleList(GRUCell(cfg.d_in if l == 0 else cfg.h_dim, cfg.h_dim, cfg.include_bias)
-                                    for l in range(cfg.n_layer))
+        self.layers = nn.ModuleList(GRUCell(cfg.d_in if l == 0 else cfg.d_model, cfg.d_model, cfg.include_bias)
+                                    for l in range(cfg.n_layers))
         self.hook_input = HookPoint()
 
     def embed(self, input_ids: Int[Tensor, "batch time"] | None,
@@ -147,7 +171,7 @@ class GRU(HookedModule):
         """`attention_mask` is accepted for a common calling convention and unused: the recurrence is causal,
         so right padding never changes a real step's state (left padding does, as with nn.GRU unpacked)."""
         x = self.hook_input(self.embed(input_ids, inputs_embeds))
-        h = [x.new_zeros(x.shape[0], self.cfg.h_dim) for _ in self.layers]  # each layer's state, h_0 = 0
+        h = [x.new_zeros(x.shape[0], self.cfg.d_model) for _ in self.layers]  # each layer's state, h_0 = 0
         outputs = []
         for t in range(x.shape[1]):
             inp = x[:, t]
@@ -156,8 +180,6 @@ class GRU(HookedModule):
                 inp = h[l]  # what the hook on hook_hidden returned: the next layer and step read this
             outputs.append(inp)
         return ModelOutput(last_hidden_state=torch.stack(outputs, dim=1))
-
-    config, cells = alias("cfg"), alias("layers")  # HuggingFace name; pyvene's name for the layers
 
 
 class GRUClassifier(GRU):
@@ -168,7 +190,7 @@ class GRUClassifier(GRU):
 
     def __init__(self, cfg: GRUConfig) -> None:
         super().__init__(cfg)
-        self.score = nn.Linear(cfg.h_dim, cfg.n_labels, bias=False)
+        self.score = nn.Linear(cfg.d_model, cfg.n_labels, bias=False)
         self.hook_logits = HookPoint()
 
     def forward(self, input_ids: Int[Tensor, "batch time"] | None = None,
@@ -196,9 +218,11 @@ class GRUClassifier(GRU):
 class GRULM(GRU):
     """The stack plus an (untied) `lm_head`: logits for every step, next-token loss with `labels`."""
 
+    has_lm_head = True
+
     def __init__(self, cfg: GRUConfig) -> None:
         super().__init__(cfg)
-        self.lm_head = nn.Linear(cfg.h_dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.hook_logits = HookPoint()
 
     def forward(self, input_ids: Int[Tensor, "batch time"] | None = None,
@@ -210,3 +234,7 @@ class GRULM(GRU):
         if labels is not None:
             out.loss = lm_loss(out.logits, labels)
         return out
+
+
+# -- HuggingFace and pyvene attribute names -----------------------------------------------------------------------
+GRU.config, GRU.cells = alias("cfg"), alias("layers")  # HuggingFace's name for the config; pyvene's for the layers

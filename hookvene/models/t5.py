@@ -20,17 +20,18 @@ stack (`encoder.relative_attention_bias`), not inside block 0; `hookvene/loading
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from hookvene.hooks import HookedModule, HookPoint
-from hookvene.models._common import (
+from hookvene.hooks import HookPoint
+from hookvene.models.common import (
     ACTIVATIONS,
     HFAliases,
+    HookedModel,
     KVCache,
     ModelOutput,
     alias,
@@ -49,7 +50,7 @@ class T5Config(HFAliases):
     d_model: int = 512
     d_kv: int = 64  # per-head width (d_head)
     d_ff: int = 2048
-    n_layers: int = 6  # encoder blocks
+    n_encoder_layers: int = 6
     n_decoder_layers: int = 6
     n_heads: int = 8
     num_buckets: int = 32
@@ -63,8 +64,8 @@ class T5Config(HFAliases):
     decoder_start_token_id: int = 0
 
     hf_aliases: ClassVar[dict[str, str]] = {
-        "vocab_size": "d_vocab", "hidden_size": "d_model", "head_dim": "d_kv", "num_layers": "n_layers",
-        "num_hidden_layers": "n_layers", "num_decoder_layers": "n_decoder_layers", "num_heads": "n_heads",
+        "vocab_size": "d_vocab", "hidden_size": "d_model", "head_dim": "d_kv", "num_layers": "n_encoder_layers",
+        "num_hidden_layers": "n_encoder_layers", "num_decoder_layers": "n_decoder_layers", "num_heads": "n_heads",
         "num_attention_heads": "n_heads", "relative_attention_num_buckets": "num_buckets",
         "relative_attention_max_distance": "max_distance", "layer_norm_epsilon": "ln_eps",
     }
@@ -162,6 +163,8 @@ class Attention(nn.Module):
         v = self.hook_v(split_heads(self.v(x_kv), self.n_heads))
         if cache is not None:  # decoder generation: prepend the cached keys/values (hooks saw the new ones)
             k, v = cache.update(self.layer, k, v)
+        # z = softmax(q k^T + mask) v, per head; the mask holds the relative position bias (and causality in the
+        # decoder's self-attention), and there is no 1/sqrt(d_head) (T5 folded it into q's initialisation).
         z = attend(q, k, v, mask, causal=False, scale=1.0,
                    hook_scores=self.hook_attn_scores, hook_pattern=self.hook_pattern)
         z = self.hook_z(z)  # batch q_pos head d_head
@@ -262,7 +265,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: T5Config) -> None:
         super().__init__()
         self.relative_attention_bias = RelativePositionBias(cfg, bidirectional=True)
-        self.blocks = nn.ModuleList(EncoderBlock(cfg, i) for i in range(cfg.n_layers))  # HF: block
+        self.blocks = nn.ModuleList(EncoderBlock(cfg, i) for i in range(cfg.n_encoder_layers))  # HF: block
         self.ln_final = T5LayerNorm(cfg.d_model, cfg.ln_eps)  # HF: final_layer_norm
         self.hook_embed, self.hook_position_bias = HookPoint(), HookPoint()
 
@@ -308,8 +311,10 @@ def check_mask(mask: Tensor | None, shape: tuple[int, int], name: str) -> None:
         raise ValueError(f"{name} must have shape {shape} (batch, positions), got {tuple(mask.shape)}")
 
 
-class T5(HookedModule):
+class T5(HookedModel):
     """T5 without the LM head: returns the decoder output after its final norm, and the encoder output."""
+
+    is_encoder_decoder = True
 
     def __init__(self, cfg: T5Config) -> None:
         super().__init__()
@@ -365,12 +370,11 @@ class T5(HookedModule):
         return ModelOutput(last_hidden_state=x, past_key_values=cache,
                            encoder_last_hidden_state=encoder_outputs)
 
-    # HuggingFace attribute names; `shared`, `encoder` and `decoder` are the real submodules.
-    config = alias("cfg")  # HuggingFace name
-
 
 class T5LM(T5):
     """T5 with its unembedding: also returns `logits`, and `loss` when `labels` are given."""
+
+    has_lm_head = can_generate = True
 
     def __init__(self, cfg: T5Config) -> None:
         super().__init__(cfg)
@@ -389,13 +393,10 @@ class T5LM(T5):
 
     def forward(self, input_ids: Int[Tensor, "batch enc_pos"] | None = None,
                 attention_mask: Int[Tensor, "batch enc_pos"] | None = None,
-                decoder_input_ids: Int[Tensor, "batch pos"] | None = None,
-                decoder_attention_mask: Int[Tensor, "batch k_pos"] | None = None,
-                encoder_outputs: Float[Tensor, "batch enc_pos d_model"] | None = None,
-                past_key_values: KVCache | None = None, use_cache: bool = False,
-                inputs_embeds: Float[Tensor, "batch enc_pos d_model"] | None = None,
-                labels: Int[Tensor, "batch pos"] | None = None) -> ModelOutput:
-        """`labels` are the target tokens aligned with the decoder positions (-100 = ignore); without
+                decoder_input_ids: Int[Tensor, "batch pos"] | None = None, *,
+                labels: Int[Tensor, "batch pos"] | None = None, **kwargs: Any) -> ModelOutput:
+        """T5.forward (same arguments), then the unembedding. `labels` are the target tokens aligned with the
+        decoder positions (-100 = ignore); without
         `decoder_input_ids` they are shifted right to make them, as in `transformers`."""
         if labels is not None:
             check_tokens(labels.masked_fill(labels == -100, 0), self.cfg.d_vocab, None)  # -100 = ignore
@@ -404,11 +405,14 @@ class T5LM(T5):
             if labels.shape != decoder_input_ids.shape:
                 raise ValueError(f"labels {tuple(labels.shape)} and decoder_input_ids "
                                  f"{tuple(decoder_input_ids.shape)} must have the same shape")
-        out = super().forward(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                              encoder_outputs, past_key_values, use_cache, inputs_embeds)
+        out = super().forward(input_ids, attention_mask, decoder_input_ids, **kwargs)
         out.logits = self.hook_logits(self.unembed(out.last_hidden_state * self.output_scale))
         if labels is not None:
             out.loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return out
 
-    lm_head = alias("unembed")
+
+# -- HuggingFace attribute names ----------------------------------------------------------------------------------
+# `shared`, `encoder` and `decoder` are the real submodules; these answer to the rest of HF's names.
+T5.config = alias("cfg")
+T5LM.lm_head = alias("unembed")

@@ -1,5 +1,8 @@
-"""Architecture-free helpers shared by the model files: head reshapes, masks, attention, KV cache, outputs."""
+"""Architecture-free helpers shared by the model files: what a model can do (`HookedModel`), head reshapes,
+masks, attention, KV cache, outputs, and KV-cached decoding (`generate`)."""
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -8,7 +11,30 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from hookvene.hooks import HookPoint
+from hookvene.hooks import HookedModule, HookPoint
+
+
+class HookedModel(HookedModule):
+    """Base of every hookvene model. What a model can do is declared once, as class attributes, and read by
+    everything above (interventions, generation, sweeps, the CLI) instead of probing signatures or class trees."""
+
+    is_encoder_decoder: ClassVar[bool] = False  # forward takes decoder_input_ids (T5)
+    has_lm_head: ClassVar[bool] = False  # forward returns `logits` over the vocabulary
+    can_generate: ClassVar[bool] = False  # KV-cached decoding with `generate`
+    can_resume: ClassVar[bool] = False  # forward(start_at_layer=, stop_at_layer=), as TransformerLens
+
+    def unembed_resid(self, resid: Float[Tensor, "... d_model"],
+                      tokens: Int[Tensor, "... k"] | None = None) -> Float[Tensor, "... d_vocab"]:
+        """Logits of residual-stream vectors leaving the last block (final LayerNorm, then unembedding); with
+        `tokens`, only those logits (... k). `hook_logits` does not fire."""
+        raise ValueError(f"{type(self).__name__} cannot unembed residual vectors: that needs a decoder-only "
+                         f"language model with its LM head (GPT2LM, GPTNeoLM)")
+
+    def generate(self, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        """KV-cached greedy or sampled decoding; hooks attached with `hooks()` fire on every step (see
+        `generate` in this module for the arguments)."""
+        return generate(self, input_ids, attention_mask, **kwargs)
 
 
 class HFAliases:
@@ -182,3 +208,100 @@ def check_tokens(input_ids: Tensor | None, d_vocab: int, n_ctx: int | None, offs
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= d_vocab:
             raise ValueError(f"token id {hi if hi >= d_vocab else lo} is outside the vocabulary [0, {d_vocab})")
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------
+
+def new_token_count(prompt_len: int, max_new_tokens: int | None, max_length: int | None) -> int:
+    """How many tokens to generate, from `max_new_tokens` or `max_length` (which includes the prompt)."""
+    if max_new_tokens is not None and max_length is not None and prompt_len + max_new_tokens != max_length:
+        raise ValueError(f"conflicting lengths: max_new_tokens={max_new_tokens} and max_length={max_length} with a "
+                         f"{prompt_len}-token prompt; pass one of them")
+    if max_new_tokens is None:
+        if max_length is None:
+            raise ValueError("pass max_new_tokens or max_length")
+        max_new_tokens = max_length - prompt_len
+    if max_new_tokens < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={max_new_tokens} (max_length includes the prompt)")
+    return max_new_tokens
+
+
+def pick_next(logits: Float[Tensor, "batch d_vocab"], do_sample: bool, temperature: float, top_k: int | None,
+              top_p: float | None, generator: torch.Generator | None) -> Int[Tensor, " batch"]:
+    """Greedy argmax, or a sample after temperature, top-k and nucleus (top-p) filtering."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model: HookedModel, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,
+             max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | None = None, pad_token_id: int | None = None, seed: int | None = None,
+             use_cache: bool = True, output_scores: bool = False,
+             around: Callable[[int], AbstractContextManager] | None = None) -> Any:
+    """Decode up to `max_new_tokens` for a causal LM (GPT-2, GPT-Neo) or T5's decoder; returns the ids (prompt +
+    new; for T5 the decoder ids), and with `output_scores=True` also the logits of every step (batch, new, d_vocab).
+
+    Hooks fire on every forward pass: first the prompt pass (hook tensors cover the whole prompt), then one pass
+    per new token (hook tensors cover only that token: the KV cache holds the rest). Left-padded batches get
+    position ids counted from each row's first real token, as in `transformers`. `around(step)` wraps each
+    forward pass (0 = prompt, k = the k-th decode pass) in a context manager: this is how interventions attach
+    per step. `use_cache=False` recomputes the whole sequence each step (slow; for checking the cache).
+    """
+    if not getattr(model, "can_generate", False):
+        raise ValueError(f"{type(model).__name__} cannot generate: generation needs a causal LM with an LM head "
+                         f"(GPT2LM, GPTNeoLM) or T5LM, not a base model, classifier or GRU")
+    around = around or (lambda step: nullcontext())
+    enc_dec = model.is_encoder_decoder
+    new = new_token_count(1 if enc_dec else input_ids.shape[1], max_new_tokens, max_length)  # T5: counts the start
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and input_ids.shape[1] + new > n_ctx:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + {new} new tokens exceeds the model's context of {n_ctx}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    batch = input_ids.shape[0]
+    if enc_dec:
+        start = getattr(model.cfg, "decoder_start_token_id", 0)
+        ids = torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)
+    else:
+        ids = input_ids
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    pad = pad_token_id if pad_token_id is not None else eos_token_id
+    cache, enc_out, scores = (KVCache() if use_cache else None), None, []
+    for step in range(new):
+        feed = ids[:, -1:] if cache is not None and step > 0 else ids
+        with around(step):
+            if enc_dec:
+                out = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=feed,
+                            encoder_outputs=enc_out, past_key_values=cache, use_cache=cache is not None)
+                enc_out = out.encoder_last_hidden_state
+            else:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first real token
+                out = model(input_ids=feed, attention_mask=mask, position_ids=positions[:, -feed.shape[1]:],
+                            past_key_values=cache, use_cache=cache is not None)
+        logits = out.logits[:, -1]
+        scores.append(logits)
+        token = pick_next(logits, do_sample, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, pad), token)
+            done |= token == eos_token_id
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        if not enc_dec:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if eos_token_id is not None and bool(done.all()):
+            break
+    return (ids, torch.stack(scores, dim=1)) if output_scores else ids

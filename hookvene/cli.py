@@ -115,9 +115,20 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"  {comp:<36} {hook}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count that must be at least 1 (argparse turns the error into usage + exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="hookvene", description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest for small models on "
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (1 is fastest for small models on "
                    "a busy machine; default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -128,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
 
     sp = sub.add_parser("ioi", help="IOI circuit analysis (logit diff, head patching, attention of top heads)")
     common(sp)
-    sp.add_argument("--n", type=int, default=64, help="number of IOI prompts")
-    sp.add_argument("--top-k", type=int, default=5)
+    sp.add_argument("--n", type=positive_int, default=64, help="number of IOI prompts")
+    sp.add_argument("--top-k", type=positive_int, default=5)
     sp.set_defaults(fn=cmd_ioi)
 
     sp = sub.add_parser("trace", help="ROME causal tracing over layers x positions")
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--subject", required=True, help="substring of the prompt to corrupt")
     sp.add_argument("--target", required=True, help="answer token, with its leading space")
     sp.add_argument("--kind", choices=list(TRACE_KINDS), default="resid_post")
-    sp.add_argument("--samples", type=int, default=10)
+    sp.add_argument("--samples", type=positive_int, default=10)
     sp.set_defaults(fn=cmd_trace)
 
     sp = sub.add_parser("patch", help="activation patching sweep (clean into corrupted)")

@@ -6,8 +6,8 @@ form `intervention_types` has, and each representation's type is simply its own 
 `intervention` if set, else the config-level one.
 """
 
-import importlib
 import json
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 MODES = ("parallel", "serial")
@@ -48,27 +48,13 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def class_from_path(path: str) -> type:
-    """Inverse of class_path; also reads pyvene's "<class 'a.b.C'>" strings."""
-    path = path.removeprefix("<class '").removesuffix("'>")
-    module, _, name = path.partition(":") if ":" in path else path.rpartition(".")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import intervention class {path!r} ({e}); define it in an importable module "
-                         f"before loading") from None
-    return obj
-
-
 class IntervenableConfig:
     """A list of representations (where to intervene) and intervention types (what to do there)."""
 
     def __init__(self, representations: Any = None, intervention_types: Any = None, mode: str = "parallel",
                  sorted_keys: list[str] | None = None, model_type: str | None = None,
                  intervention_dimensions: list | None = None, intervention_constant_sources: list | None = None,
-                 **kwargs: Any) -> None:
+                 intervention_settings: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
         from hookvene.interventions import VanillaIntervention
 
         if representations is None:
@@ -90,6 +76,7 @@ class IntervenableConfig:
         self.model_type = model_type
         self.intervention_dimensions = intervention_dimensions
         self.intervention_constant_sources = intervention_constant_sources
+        self.intervention_settings = intervention_settings  # by key: Intervention.settings(), as saved
         self.extra = kwargs
 
     def type_of(self, i: int) -> Any:
@@ -120,7 +107,7 @@ class IntervenableConfig:
             d = r._asdict()
             t = self.type_of(i)
             d["intervention_type"] = class_path(t) if isinstance(t, type) else None
-            d["intervention"] = None if r.intervention is None else "PLACEHOLDER"
+            d["intervention"] = None if isinstance(t, type) else "PLACEHOLDER"  # an object or a function
             if r.source_representation is not None:
                 d["source_representation"] = None
                 d["hidden_source_representation"] = True
@@ -129,18 +116,26 @@ class IntervenableConfig:
                 "model_type": self.model_type, "intervention_dimensions": self.intervention_dimensions}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "IntervenableConfig":
+    def from_dict(cls, d: dict[str, Any], intervention_types: Iterable[type] = ()) -> "IntervenableConfig":
+        """Inverse of `to_dict`. Type names resolve only to hookvene's intervention classes, classes registered
+        with `register_intervention`, and `intervention_types`: nothing named by the dict is imported."""
+        from hookvene.interventions import intervention_class
+
         reps = []
         for r in d["representations"]:
             r = dict(r)
-            if r.get("intervention_type"):
-                r["intervention_type"] = class_from_path(r["intervention_type"])
-            if r.get("intervention") == "PLACEHOLDER":
-                raise ValueError("this config was saved with an intervention object or function, which cannot be "
-                                 "serialized; pass an intervention_type instead")
-            reps.append(RepresentationConfig(**r))
+            name = r.get("intervention_type")
+            if name is not None:
+                if not isinstance(name, str):
+                    raise ValueError(f"intervention_type must be a class name (a string), got {name!r}")
+                r["intervention_type"] = intervention_class(name, intervention_types)
+            if r.get("intervention") is not None:
+                raise ValueError("this config was saved with an intervention object or function, which no file can "
+                                 "hold; build the IntervenableModel again with it, or use an intervention_type")
+            reps.append(as_representation(r))
         return cls(reps, mode=d.get("mode", "parallel"), sorted_keys=d.get("sorted_keys"),
-                   model_type=d.get("model_type"), intervention_dimensions=d.get("intervention_dimensions"))
+                   model_type=d.get("model_type"), intervention_dimensions=d.get("intervention_dimensions"),
+                   intervention_settings=d.get("intervention_settings"))
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)

@@ -14,6 +14,7 @@ offers `add_hook`, `reset_hooks`, the `hooks()` context manager, `run_with_hooks
 
 import difflib
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +24,19 @@ from torch import Tensor, nn
 
 HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
 NamesFilter = None | str | Iterable[str] | Callable[[str], bool]
+
+# Several threads may attach and detach functions on one model at once (each IntervenableModel call attaches its
+# own): every edit of a hook list happens under this lock, and a HookPoint runs a snapshot of its list.
+_LOCK = threading.Lock()
+# The time step of the call now running each HookPoint, per thread: two threads running the same GRU must not
+# read each other's step.
+_STEPS = threading.local()
+
+
+def _steps() -> dict[int, int | None]:
+    if not hasattr(_STEPS, "by_hook"):
+        _STEPS.by_hook = {}
+    return _STEPS.by_hook
 
 
 class StopForward(Exception):
@@ -38,8 +52,13 @@ class HookPoint(nn.Module):
         self.name = ""  # full module path, filled in by HookedModule.hook_dict
         self.fwd_fns: list[HookFn] = []
         self.bwd_fns: list[HookFn] = []
-        self.step: int | None = None  # time step, for hook points inside a loop (the GRU)
         self.ctx: dict[str, Any] = {}  # scratch space shared by the functions on this hook
+
+    @property
+    def step(self) -> int | None:
+        """The time step this hook is firing for (hook points inside a loop: the GRU), else None; read it inside
+        a hook function. Kept per thread, so concurrent forwards of one model do not see each other's."""
+        return _steps().get(id(self))
 
     @property
     def has_hooks(self) -> bool:
@@ -48,23 +67,37 @@ class HookPoint(nn.Module):
     def __call__(self, x: Tensor, step: int | None = None) -> Tensor:
         if not self.fwd_fns and not self.bwd_fns:
             return x
-        self.step = step
-        for fn in self.fwd_fns:
-            out = fn(x, self)
-            if out is not None:
-                x = out
+        with self._at_step(step):
+            for fn in self.fwd_fns[:]:  # a snapshot: another thread may attach or detach meanwhile
+                out = fn(x, self)
+                if out is not None:
+                    x = out
         if self.bwd_fns and x.requires_grad:
-            fns = list(self.bwd_fns)  # the functions attached now, even if removed before backward runs
+            fns = self.bwd_fns[:]  # the functions attached now, even if removed before backward runs
             x.register_hook(lambda grad: self._run_bwd(fns, grad, step))
         return x
 
     def _run_bwd(self, fns: list[HookFn], grad: Tensor, step: int | None) -> Tensor:
-        self.step = step
-        for fn in fns:
-            out = fn(grad, self)
-            if out is not None:
-                grad = out
+        with self._at_step(step):
+            for fn in fns:
+                out = fn(grad, self)
+                if out is not None:
+                    grad = out
         return grad
+
+    @contextmanager
+    def _at_step(self, step: int | None) -> Iterator[None]:
+        """`self.step` is `step` while the functions run (restored after: a function may run a nested forward)."""
+        steps = _steps()
+        prev = steps.get(id(self))
+        steps[id(self)] = step
+        try:
+            yield
+        finally:
+            if prev is None:
+                steps.pop(id(self), None)
+            else:
+                steps[id(self)] = prev
 
     def forward(self, x: Tensor) -> Tensor:  # for tools that call .forward directly
         return self(x)
@@ -86,10 +119,11 @@ class HookHandle:
 
     def remove(self) -> None:
         fns = self.point.fwd_fns if self.dir == "fwd" else self.point.bwd_fns
-        for i, f in reversed(list(enumerate(fns))):  # the latest copy: contexts unwind LIFO
-            if f is self.fn:
-                del fns[i]
-                return
+        with _LOCK:
+            for i, f in reversed(list(enumerate(fns))):  # the latest copy: contexts unwind LIFO
+                if f is self.fn:
+                    del fns[i]
+                    return
 
 
 def unknown_name_error(name: str, valid: Iterable[str], what: str = "hook point") -> ValueError:
@@ -100,31 +134,54 @@ def unknown_name_error(name: str, valid: Iterable[str], what: str = "hook point"
                       f"{', '.join(valid[:4])} ... (see `model.hook_dict`).")
 
 
+def _find_hook_points(module: nn.Module, prefix: str, found: dict[str, HookPoint], seen: set[int]) -> None:
+    """`named_modules()` restricted to HookPoints, naming each by its first path; about 4x faster, since it runs on
+    every `hook_dict` access (HookPoints have no children, so the walk stops at them)."""
+    for name, child in module.named_children():
+        if id(child) in seen:
+            continue
+        seen.add(id(child))
+        if isinstance(child, HookPoint):
+            child.name = prefix + name
+            found[child.name] = child
+        else:
+            _find_hook_points(child, f"{prefix}{name}.", found, seen)
+
+
 class HookedModule(nn.Module):
     """Mixin for models whose activations pass through HookPoints."""
 
+    # What `run_with_cache` returns; models swap in the subclass that knows their architecture.
+    cache_class: type["ActivationCache"]
+
     @property
     def hook_dict(self) -> dict[str, HookPoint]:
-        """Every HookPoint by full name (its module path), in module order, not always firing order."""
-        cached = self.__dict__.get("_hook_dict")
-        if cached is None:
-            cached = {n: m for n, m in self.named_modules() if isinstance(m, HookPoint)}
-            for n, m in cached.items():
-                m.name = n
-            self.__dict__["_hook_dict"] = cached
-        return cached
+        """Every HookPoint by full name (its module path), in module order, not always firing order.
 
-    def resolve_hook_names(self, names: NamesFilter) -> list[str]:
-        """Hook names selected by a name, a list of names, a predicate, or None (all)."""
-        hd = self.hook_dict
+        Built afresh on every access (one walk over the modules, not cached), so a replaced submodule
+        (`model.blocks[0] = ...`) is seen at once; the methods below walk once per call."""
+        found: dict[str, HookPoint] = {}
+        _find_hook_points(self, "", found, set())
+        return found
+
+    def resolve_hook_names(self, names: NamesFilter, hook_dict: dict[str, HookPoint] | None = None) -> list[str]:
+        """Hook names selected by a name, a list of names, a predicate, or None (all); `hook_dict` saves a walk
+        when the caller already has it."""
+        hd = self.hook_dict if hook_dict is None else hook_dict
         if names is None:
             return list(hd)
         if isinstance(names, str):
             names = [names]
         elif callable(names):
             return [n for n in hd if names(n)]
+        elif not isinstance(names, Iterable):
+            raise TypeError(f"names must be a hook name, a list of hook names, a predicate or None, got "
+                            f"{type(names).__name__} {names!r}")
         out = []
         for n in names:
+            if not isinstance(n, str):
+                raise TypeError(f"hook names are strings such as {next(iter(hd), 'hook_embed')!r}, got "
+                                f"{type(n).__name__} {n!r}")
             if n not in hd:
                 raise unknown_name_error(n, hd)
             out.append(n)
@@ -132,20 +189,40 @@ class HookedModule(nn.Module):
 
     def add_hook(self, name: NamesFilter, fn: HookFn, dir: str = "fwd") -> list[HookHandle]:
         """Attach `fn(tensor, hook) -> tensor | None` to the named hook point(s); returns removable handles."""
-        if dir not in ("fwd", "bwd"):
-            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
-        handles = []
-        for n in self.resolve_hook_names(name):
-            point = self.hook_dict[n]
-            (point.fwd_fns if dir == "fwd" else point.bwd_fns).append(fn)
-            handles.append(HookHandle(point, fn, dir))
+        handles: list[HookHandle] = []
+        self._add_hooks([(name, fn)], dir, self.hook_dict, handles)
         return handles
 
-    def reset_hooks(self) -> None:
-        """Remove every function from every hook point."""
+    def _add_hooks(self, hooks: Iterable[tuple[NamesFilter, HookFn]], dir: str, hd: dict[str, HookPoint],
+                   handles: list[HookHandle]) -> None:
+        """Attach each (names, fn); every name of a pair is checked before any is attached, and `handles` grows
+        as functions attach, so that a failure part-way leaves only removable ones."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        for name, fn in hooks:
+            for n in self.resolve_hook_names(name, hd):
+                point = hd[n]
+                with _LOCK:
+                    (point.fwd_fns if dir == "fwd" else point.bwd_fns).append(fn)
+                handles.append(HookHandle(point, fn, dir))
+
+    def add_perma_hook(self, name: NamesFilter, fn: HookFn, dir: str = "fwd") -> list[HookHandle]:
+        """`add_hook`, but kept by `reset_hooks()` (TransformerLens's permanent hooks): only
+        `reset_hooks(including_permanent=True)` or the returned handles remove it."""
+        handles = self.add_hook(name, fn, dir)
+        self.__dict__.setdefault("permanent_hooks", []).extend(handles)
+        return handles
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        """Remove every function from every hook point, except permanent ones (`add_perma_hook`) unless
+        `including_permanent`."""
+        keep = [] if including_permanent else self.__dict__.get("permanent_hooks", [])
         for point in self.hook_dict.values():
-            point.fwd_fns.clear()
-            point.bwd_fns.clear()
+            with _LOCK:
+                point.fwd_fns[:] = [f for f in point.fwd_fns if any(h.point is point and h.fn is f for h in keep)]
+                point.bwd_fns[:] = [f for f in point.bwd_fns if any(h.point is point and h.fn is f for h in keep)]
+        if including_permanent:
+            self.__dict__["permanent_hooks"] = []
 
     def has_hooks(self) -> bool:
         return any(p.has_hooks for p in self.hook_dict.values())
@@ -164,10 +241,9 @@ class HookedModule(nn.Module):
         """Attach hooks for the duration of a `with` block; exactly these are removed on exit, even on error."""
         handles: list[HookHandle] = []
         try:
-            for name, fn in fwd_hooks:
-                handles += self.add_hook(name, fn, "fwd")
-            for name, fn in bwd_hooks:
-                handles += self.add_hook(name, fn, "bwd")
+            hd = self.hook_dict  # one walk over the modules for all of them
+            self._add_hooks(fwd_hooks, "fwd", hd, handles)
+            self._add_hooks(bwd_hooks, "bwd", hd, handles)
             yield self
         finally:
             for h in reversed(handles):
@@ -188,7 +264,7 @@ class HookedModule(nn.Module):
         `incl_bwd=True` also runs backward from the output's `loss` (pass `labels=`) or from a scalar output,
         and stores each gradient under `"<hook name>_grad"`.
         """
-        cache = ActivationCache()
+        cache = self.cache_class(model=self)
         names = self.resolve_hook_names(names_filter)
 
         steps: dict[str, list[Tensor]] = {}  # hooks inside a time loop (GRU) fire once per step
@@ -217,28 +293,119 @@ class HookedModule(nn.Module):
         return out, cache
 
 
-_SHORT = {  # TransformerLens-style shorthand for ActivationCache[("pattern", 3)]
-    "resid_pre": "blocks.{}.hook_resid_pre", "resid_mid": "blocks.{}.hook_resid_mid",
-    "resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
-    "mlp_out": "blocks.{}.hook_mlp_out", "q": "blocks.{}.attn.hook_q", "k": "blocks.{}.attn.hook_k",
-    "v": "blocks.{}.attn.hook_v", "z": "blocks.{}.attn.hook_z", "attn_scores": "blocks.{}.attn.hook_attn_scores",
-    "pattern": "blocks.{}.attn.hook_pattern", "pre": "blocks.{}.mlp.hook_pre", "post": "blocks.{}.mlp.hook_post",
+# TransformerLens's activation shorthands (`utils.get_act_name`): short name -> the sublayer it lives in.
+_ACT_SUBLAYER = {
+    "resid_pre": "", "resid_mid": "", "resid_post": "", "attn_out": "", "mlp_out": "", "attn_in": "",
+    "q_input": "", "k_input": "", "v_input": "", "mlp_in": "",
+    "q": "attn", "k": "attn", "v": "attn", "z": "attn", "result": "attn", "attn_scores": "attn", "pattern": "attn",
+    "rot_q": "attn", "rot_k": "attn",
+    "pre": "mlp", "post": "mlp", "mid": "mlp",
+    "scale": None, "normalized": None,  # a LayerNorm's: `layer_type` names it (ln1, ln2), else ln_final
 }
+_ACT_GLOBAL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed", "tokens": "hook_tokens", "logits": "hook_logits"}
+_ACT_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
+                "mlp_pre": "pre", "mlp_post": "post", "mlp_mid": "mid"}
+_LAYER_TYPES = {"a": "attn", "attn": "attn", "attention": "attn", "m": "mlp", "mlp": "mlp", "b": "", "block": "",
+                "blocks": "", "": "", "ln1": "ln1", "ln2": "ln2", "ln_final": "ln_final"}
 
 
-def act_name(name: str, layer: int | None = None) -> str:
-    """`act_name("pattern", 3)` -> `"blocks.3.attn.hook_pattern"`; full names pass through."""
-    if layer is None or name not in _SHORT:
+def act_name(name: str, layer: int | None = None, layer_type: str | None = None, n_layers: int | None = None) -> str:
+    """A full hook name from TransformerLens's shorthand (`utils.get_act_name`), e.g.
+
+        act_name("pattern", 3) -> "blocks.3.attn.hook_pattern"     act_name("k", 6, "a") -> "blocks.6.attn.hook_k"
+        act_name("pre5") -> "blocks.5.mlp.hook_pre"                act_name("scale4ln1") -> "blocks.4.ln1.hook_scale"
+        act_name("scale") -> "ln_final.hook_scale"                 act_name("resid_post", -1, n_layers=4) -> ... 3 ...
+
+    Full names (containing a dot or starting with `hook_`) pass through. A negative layer counts from the end and
+    needs `n_layers` (a cache or model supplies it). Unknown shorthands raise, listing the known ones."""
+    if layer is None and layer_type is None and ("." in name or name.startswith("hook_")):
         return name
-    return _SHORT[name].format(layer)
+    m = re.fullmatch(r"([a-z_]+?)(\d+)([a-z_]*\d?)", name) if layer is None else None
+    if m:  # "pre5", "scale4ln1"
+        name, layer, layer_type = m.group(1), int(m.group(2)), m.group(3) or layer_type
+    name = _ACT_ALIASES.get(name, name)
+    if name in _ACT_GLOBAL and layer is None:
+        return _ACT_GLOBAL[name]
+    if name not in _ACT_SUBLAYER:
+        raise ValueError(f"unknown activation name {name!r}; use a full hook name or one of "
+                         f"{', '.join(sorted([*_ACT_SUBLAYER, *_ACT_GLOBAL, *_ACT_ALIASES]))}")
+    if layer_type is not None and layer_type not in _LAYER_TYPES:
+        raise ValueError(f"unknown layer_type {layer_type!r}; choose one of {', '.join(sorted(_LAYER_TYPES))}")
+    sub = _ACT_SUBLAYER[name]
+    if sub is None:  # a LayerNorm's scale or output
+        sub = _LAYER_TYPES[layer_type] if layer_type else ("ln_final" if layer is None else "")
+        if layer is not None and sub not in ("ln1", "ln2"):
+            raise ValueError(f"{name!r} of block {layer} needs layer_type 'ln1' or 'ln2'")
+        if layer is None:
+            return f"ln_final.hook_{name}"
+    if layer is None:
+        raise ValueError(f"{name!r} is per block: pass a layer, e.g. act_name({name!r}, 0)")
+    if layer < 0:
+        if n_layers is None:
+            raise ValueError(f"layer {layer} counts from the end: pass n_layers (or index a cache of the model)")
+        if layer < -n_layers:
+            raise ValueError(f"layer {layer} is out of range for a model of {n_layers} layers")
+        layer += n_layers
+    return f"blocks.{layer}." + (f"{sub}." if sub else "") + f"hook_{name}"
 
 
 class ActivationCache(dict):
-    """A dict of activations by hook name; also indexable as `cache["pattern", 3]`."""
+    """A dict of activations by hook name (TransformerLens's `ActivationCache`), from `run_with_cache`.
 
-    def __getitem__(self, key: str | tuple[str, int]) -> Tensor:
+    Also indexable by shorthand: `cache["pattern", 3]`, `cache["resid_post", -1]` (negative layers count from the
+    end), `cache["scale", 2, "ln1"]`, `cache["pre5"]`. It keeps a reference to the model that filled it
+    (`cache.model`), which the model-aware analysis methods of `hookvene.cache.ActivationCache` read."""
+
+    def __init__(self, *args: Any, model: nn.Module | None = None, has_batch_dim: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.model, self.has_batch_dim = model, has_batch_dim
+
+    @property
+    def n_layers(self) -> int | None:
+        return getattr(getattr(self.model, "cfg", None), "n_layers", None)
+
+    def __getitem__(self, key: str | tuple) -> Tensor:
         if isinstance(key, tuple):
-            key = act_name(*key)
+            key = act_name(*key, n_layers=self.n_layers)
+        elif key not in self and not key.startswith("hook_") and "." not in key:
+            try:
+                key = act_name(key)  # "pre5", "embed"
+            except ValueError:
+                pass  # not a shorthand either: reported below as a missing activation
         if key not in self:
             raise unknown_name_error(key, self.keys(), "cached activation")
         return super().__getitem__(key)
+
+    def like(self, data: dict[str, Tensor], has_batch_dim: bool | None = None) -> "ActivationCache":
+        """A cache of the same class and model holding `data`."""
+        return type(self)(data, model=self.model,
+                          has_batch_dim=self.has_batch_dim if has_batch_dim is None else has_batch_dim)
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        """Drop the batch dim of a batch-1 cache, in place (TransformerLens's semantics); returns the cache."""
+        if not self.has_batch_dim:
+            return self
+        sizes = {k: v.shape[0] for k, v in self.items()}
+        if any(n != 1 for n in sizes.values()):
+            raise ValueError(f"remove_batch_dim needs a batch of 1; this cache's batch sizes are {set(sizes.values())}")
+        for k in list(self):
+            dict.__setitem__(self, k, dict.__getitem__(self, k)[0])
+        self.has_batch_dim = False
+        return self
+
+    def to(self, device: str | torch.device) -> "ActivationCache":
+        """Move every activation to `device`, in place; returns the cache."""
+        for k in list(self):
+            dict.__setitem__(self, k, dict.__getitem__(self, k).to(device))
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice: int | slice | list[int] | Tensor) -> "ActivationCache":
+        """A new cache holding only some examples (an int index drops the batch dim, as in TransformerLens)."""
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch dim (remove_batch_dim was called)")
+        if isinstance(batch_slice, list):
+            batch_slice = torch.tensor(batch_slice)
+        return self.like({k: v[batch_slice] for k, v in self.items()}, has_batch_dim=not isinstance(batch_slice, int))
+
+
+HookedModule.cache_class = ActivationCache

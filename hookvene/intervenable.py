@@ -6,7 +6,7 @@ skip the later layers and the LM head. Nothing stays attached after a call, fail
 are left alone; the wrapped model is never frozen or switched to eval mode unless asked.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,10 @@ class InterventionEntry(tuple):
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self[0], name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Calling the entry calls the intervention, as current pyvene's `interventions[key](base, source)`."""
+        return self[0](*args, **kwargs)
 
 
 class InterventionsView(Mapping):
@@ -71,6 +75,13 @@ class IntervenableModel(nn.Module):
         config: an IntervenableConfig, or a dict / list of dicts / RepresentationConfigs.
         model: a hookvene model, a `transformers` model of a supported architecture (converted, weights shared),
             or any model whose class the user registered in `type_to_module_mapping` (pyvene-style module paths).
+            The model is never frozen, unfrozen or switched to eval/train here, and a `transformers` model keeps
+            each parameter's `requires_grad`. Its weights are shared, not copied: in-place edits, and moving or
+            casting this wrapper (`.to()`, `.half()`), reach the `transformers` model too; pass
+            `hookvene.from_pretrained(hf_model, copy=True)` instead to work on a copy.
+
+    Each call's hook functions act only on that call's own forward passes (see `hookvene.plan.attach`), so the
+    same model may run plain forwards, or other calls, in other threads meanwhile.
     """
 
     def __init__(self, config: Any, model: nn.Module, **kwargs: Any) -> None:
@@ -140,6 +151,16 @@ class IntervenableModel(nn.Module):
             params += [p for p in self.model.parameters() if p.requires_grad]
         return params
 
+    def print_intervention_info(self) -> None:
+        """Print one line per intervention: its key, the hook it acts on, its class, source group and trainable
+        parameter count (pyvene's `print_intervention_info`)."""
+        print(f"{len(self.slots)} intervention(s), mode={self.mode}, on {type(self.model).__name__}")
+        for s in self.slots:
+            n = sum(p.numel() for p in s.intervention.parameters() if p.requires_grad) if s.intervention.trainable \
+                else 0
+            print(f"  {s.key}: {type(s.intervention).__name__} on {s.site.hook} (group {s.group}, "
+                  f"{n} trainable parameters)")
+
     def count_parameters(self, include_model: bool = False) -> int:
         n = sum(p.numel() for iv in self.unique_interventions() if iv.trainable
                 for p in iv.parameters() if p.requires_grad)
@@ -181,9 +202,15 @@ class IntervenableModel(nn.Module):
         serialization.save(save_directory, self.config, self.slots, self.model if include_model else None)
 
     @staticmethod
-    def load(load_directory: str, model: nn.Module, include_model: bool = False, **_: Any) -> "IntervenableModel":
-        """Rebuild a saved IntervenableModel on `model` (weights and constant sources restored)."""
-        config, tensors = serialization.read(load_directory)
+    def load(load_directory: str, model: nn.Module, include_model: bool = False,
+             intervention_types: Iterable[type] = (), **_: Any) -> "IntervenableModel":
+        """Rebuild a saved IntervenableModel on `model` (weights, constant sources and settings restored).
+
+        The saved config names its intervention classes; they resolve to hookvene's classes, classes registered
+        with `hookvene.register_intervention`, or those in `intervention_types`, never to anything imported
+        by name. Fails unless the saved tensors fill every intervention exactly."""
+        config, tensors = serialization.read(load_directory, intervention_types)
         new = IntervenableModel(config, model)
-        serialization.restore(new.slots, tensors, new.model if include_model else None)
+        serialization.restore(new.slots, tensors, new.model if include_model else None,
+                              config.intervention_settings)
         return new

@@ -11,11 +11,16 @@ Boundless/SigmoidMask temperatures are buffers, not trainable parameters.
 """
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+class SubspaceIndexError(ValueError, IndexError):
+    """A subspace index or partition id outside the representation: a ValueError (a bad argument) and an IndexError,
+    the type pyvene raises for it, so code written for either catches it."""
 
 
 class Intervention(nn.Module):
@@ -31,6 +36,7 @@ class Intervention(nn.Module):
         self.interchange_dim: int | None = self.embed_dim
         self.subspace_partition = kwargs.get("subspace_partition")
         self.keep_last_dim = bool(kwargs.get("keep_last_dim", False))
+        self.use_fast = bool(kwargs.get("use_fast", False))  # pyvene's promise that every subspace row is the same
         source = kwargs.get("source_representation")
         self.register_buffer("source_representation", None if source is None else torch.as_tensor(source))
         if source is not None or kwargs.get("hidden_source_representation"):
@@ -51,6 +57,20 @@ class Intervention(nn.Module):
 
     def set_interchange_dim(self, interchange_dim: int) -> None:
         self.interchange_dim = interchange_dim
+
+    def settings(self) -> dict[str, Any]:
+        """Plain values (JSON) that change this intervention's output and are not in its `state_dict`:
+        `IntervenableModel.save` writes them and `load` restores them with `apply_settings`. A subclass with more
+        such attributes extends both."""
+        return {"interchange_dim": self.interchange_dim}
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        unknown = sorted(set(settings) - set(self.settings()))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no setting(s) {unknown}; its settings are "
+                             f"{sorted(self.settings())}")
+        if "interchange_dim" in settings:
+            self.set_interchange_dim(settings["interchange_dim"])
 
     # -- helpers shared by the concrete types --------------------------------------------------------------
 
@@ -81,33 +101,52 @@ class Intervention(nn.Module):
             dims: list[int] = []
             for i in ids:
                 if not 0 <= i < len(parts):
-                    raise ValueError(f"subspace partition id {i} out of range: the partition has {len(parts)} "
-                                     f"parts {parts}")
+                    raise SubspaceIndexError(f"subspace partition id {i} out of range: the partition has "
+                                             f"{len(parts)} parts {parts}")
                 p = parts[i]
                 # [a, b] is the half-open range a..b-1 (pyvene's format); a range or a longer list is explicit
                 dims += list(range(p[0], p[1])) if isinstance(p, list | tuple) and len(p) == 2 else list(p)
             ids = dims
         bad = [i for i in ids if not -width <= i < width]
         if bad:
-            raise ValueError(f"subspace index {bad[0]} out of range for a {width}-dimensional representation")
-        return ids
+            raise SubspaceIndexError(f"subspace index {bad[0]} out of range for a {width}-dimensional "
+                                     f"representation")
+        return [i % width for i in ids]  # -1 is the last dim; gather takes no negative index
+
+    def subspace_rows(self, base: Tensor, subspaces: Any) -> tuple[list, int]:
+        """The subspace rows and the dimension of `base` they index: one row for everything (dim 0, broadcast),
+        one row per example (dim 0), or, when the count matches dimension -2 and not the batch, one row per unit
+        along dim -2: pyvene's reading of a direct call `iv(base (b, units, d), source, subspaces)`. With
+        `use_fast=True` the first row applies to everything (pyvene's fast path: the caller promises the rows are
+        equal). Inside an IntervenableModel, rows are always per example."""
+        rows = list(subspaces) if isinstance(subspaces, list | tuple) else [subspaces]
+        if self.use_fast or len(rows) == 1:
+            return rows[:1], 0
+        if len(rows) == base.shape[0]:
+            return rows, 0
+        if base.dim() >= 3 and len(rows) == base.shape[-2]:
+            return rows, base.dim() - 2
+        raise ValueError(f"subspaces have {len(rows)} rows for a representation of shape {tuple(base.shape)}: "
+                         f"give one row for all, one per example ({base.shape[0]}) or, calling the intervention "
+                         f"directly, one per unit ({base.shape[-2]})")
 
     def subspace_mask(self, base: Tensor, subspaces: Any) -> Tensor | None:
-        """Boolean mask over base's last dim (one row per example), or None when every dimension is touched."""
+        """Boolean mask over base's last dim, broadcastable to base (rows as `subspace_rows` reads them), or None
+        when every dimension is touched."""
         width = base.shape[-1]
         if subspaces is None:
             if self.interchange_dim is None or self.interchange_dim >= width:
                 return None
             mask = torch.zeros(1, width, dtype=torch.bool)
             mask[:, : self.interchange_dim] = True
-        else:
-            rows = subspaces if isinstance(subspaces, list | tuple) else [subspaces]
-            if len(rows) not in (1, base.shape[0]):
-                raise ValueError(f"subspaces have {len(rows)} rows for a batch of {base.shape[0]}")
-            mask = torch.zeros(len(rows), width, dtype=torch.bool)
-            for r, ids in enumerate(rows):
-                mask[r, self.subspace_dims(ids, width)] = True
-        return mask.view(mask.shape[0], *[1] * (base.dim() - 2), width).to(base.device)
+            return mask.view(1, *[1] * (base.dim() - 2), width).to(base.device)
+        rows, dim = self.subspace_rows(base, subspaces)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for r, ids in enumerate(rows):
+            mask[r, self.subspace_dims(ids, width)] = True
+        shape = [1] * base.dim()
+        shape[dim], shape[-1] = len(rows), width
+        return mask.view(shape).to(base.device)
 
     def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
         raise NotImplementedError
@@ -177,7 +216,8 @@ class AdditionIntervention(BasisAgnosticIntervention, LocalistRepresentationInte
     def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
         source = self.resolve_source(base, source)
         mask = self.subspace_mask(base, subspaces)
-        return base + (source if mask is None else source * mask)
+        # where, not `source * mask`: an inf or NaN in an unselected dimension of the source must not leak (inf * 0)
+        return base + source if mask is None else torch.where(mask, base + source, base)
 
 
 class SubtractionIntervention(BasisAgnosticIntervention, LocalistRepresentationIntervention):
@@ -186,7 +226,7 @@ class SubtractionIntervention(BasisAgnosticIntervention, LocalistRepresentationI
     def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
         source = self.resolve_source(base, source)
         mask = self.subspace_mask(base, subspaces)
-        return base - (source if mask is None else source * mask)
+        return base - source if mask is None else torch.where(mask, base - source, base)  # where: see Addition
 
 
 class ZeroIntervention(ConstantSourceIntervention, LocalistRepresentationIntervention):
@@ -203,13 +243,16 @@ class CollectIntervention(ConstantSourceIntervention):
     def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
         if subspaces is None:
             return base
-        rows = subspaces if isinstance(subspaces, list | tuple) else [subspaces]
+        rows, dim = self.subspace_rows(base, subspaces)
         dims = [self.subspace_dims(r, base.shape[-1]) for r in rows]
         if all(d == dims[0] for d in dims):
             return base[..., dims[0]]
         if len({len(d) for d in dims}) != 1:
-            raise ValueError("CollectIntervention needs the same number of subspace dims for every example")
-        index = torch.tensor(dims, device=base.device).view(len(dims), *[1] * (base.dim() - 2), -1)
+            raise ValueError(f"CollectIntervention returns one tensor, so every subspace row must select the same "
+                             f"number of dims; got {[len(d) for d in dims]} dims for rows {rows}")
+        shape = [1] * base.dim()
+        shape[dim], shape[-1] = len(dims), -1
+        index = torch.tensor(dims, device=base.device).view(shape)
         return base.gather(-1, index.expand(*base.shape[:-1], index.shape[-1]))
 
 
@@ -232,6 +275,14 @@ class NoiseIntervention(ConstantSourceIntervention, LocalistRepresentationInterv
     def reseed(self, seed: int | None = None) -> None:
         self.seed = self.seed if seed is None else seed
         self.generator = torch.Generator().manual_seed(self.seed)
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"noise_level": self.noise_level, "seed": self.seed}
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        super().apply_settings({k: v for k, v in settings.items() if k not in ("noise_level", "seed")})
+        self.noise_level = float(settings.get("noise_level", self.noise_level))
+        self.reseed(int(settings.get("seed", self.seed)))
 
     def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
         noise = torch.randn(base.shape, generator=self.generator).to(base) * self.noise_level
@@ -282,8 +333,9 @@ class LowRankRotatedSpaceIntervention(TrainableIntervention, DistributedRepresen
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         k = kwargs.get("low_rank_dimension")
-        if k is None:
-            raise ValueError("LowRankRotatedSpaceIntervention needs low_rank_dimension")
+        if k is None or isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise ValueError(f"LowRankRotatedSpaceIntervention needs low_rank_dimension, a positive int (the number "
+                             f"of learned directions), got {k!r}")
         self.rotate_layer = rotation(_need_embed_dim(kwargs, type(self).__name__), int(k))
         self.interchange_dim = int(k)
 
@@ -407,3 +459,56 @@ def build_intervention(kind: Any, **kwargs: Any) -> Intervention:
         out.is_source_constant = kwargs.get("source_representation") is not None
         return out
     raise ValueError(f"not an intervention: {kind!r} (give an Intervention class, object, or a function)")
+
+
+# -- the classes a saved config may name -------------------------------------------------------------------------
+# A saved config names intervention classes; loading builds only classes registered here (hookvene's own, plus the
+# user's) or passed to `IntervenableModel.load`. Nothing a file names is ever imported or called.
+
+INTERVENTION_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register_intervention(cls: type[nn.Module], name: str | None = None) -> type[nn.Module]:
+    """Let saved configs name `cls` (by its class name, or `name`) so that `IntervenableModel.load` can rebuild
+    it; usable as a class decorator. Registering another class under a taken name is an error."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_intervention takes an intervention class (an nn.Module subclass), got {cls!r}")
+    if issubclass(cls, LambdaIntervention):
+        raise TypeError("a LambdaIntervention wraps a function, which a saved file cannot name; it cannot be "
+                        "registered")
+    key = name or cls.__qualname__
+    taken = INTERVENTION_REGISTRY.get(key)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"{key!r} is already registered for {taken.__module__}.{taken.__qualname__}; register "
+                         f"{cls.__qualname__} under another name")
+    INTERVENTION_REGISTRY[key] = cls
+    return cls
+
+
+def intervention_class(saved: str, extra: Iterable[type] = ()) -> type[nn.Module]:
+    """The class a saved type name refers to: `"module:Qualname"` (hookvene's format), pyvene's
+    `"<class 'module.Name'>"`, or a bare name; looked up among `extra` (matched by name or full path), then the
+    registry. An unknown name is an error listing the known ones."""
+    path = saved.removeprefix("<class '").removesuffix("'>")
+    name = path.partition(":")[2] if ":" in path else path.rpartition(".")[2]
+    if name == LambdaIntervention.__qualname__:
+        raise ValueError("the saved config names a LambdaIntervention, which wraps a function that no file can "
+                         "hold; build the IntervenableModel with the function again instead of loading it")
+    for cls in extra:
+        if not isinstance(cls, type):
+            raise TypeError(f"intervention_types passed to load must be classes, got {cls!r}")
+        if path in (cls.__qualname__, f"{cls.__module__}:{cls.__qualname__}", f"{cls.__module__}.{cls.__name__}"):
+            return cls
+    for key in (path, name):  # a name registered with dots in it, else the class name
+        if key in INTERVENTION_REGISTRY:
+            return INTERVENTION_REGISTRY[key]
+    known = sorted(INTERVENTION_REGISTRY) + [c.__qualname__ for c in extra]
+    raise ValueError(f"unknown intervention type {saved!r}: loading never imports classes named by a file. Known "
+                     f"types: {', '.join(known)}. For your own class, call hookvene.register_intervention(cls) or "
+                     f"pass intervention_types=[cls] to IntervenableModel.load")
+
+
+for _cls in list(globals().values()):  # every class above; keep this loop at the end of the module
+    if isinstance(_cls, type) and issubclass(_cls, Intervention) and _cls is not LambdaIntervention:
+        register_intervention(_cls)
+del _cls

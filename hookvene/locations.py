@@ -34,6 +34,12 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+class EntryCountError(ValueError, IndexError):
+    """unit_locations or subspaces with the wrong number of entries (one per intervention is needed). Both a
+    ValueError (a bad argument) and an IndexError, the type pyvene raises for it, so code written for either
+    catches it."""
+
+
 def _flat_ints(x: Any) -> bool:
     return isinstance(x, list | tuple) and len(x) > 0 and all(_is_int(i) for i in x)
 
@@ -56,6 +62,9 @@ def expand_side(value: Any, n: int, batch: int) -> list:
         return shortcut
     if isinstance(value, list | tuple) and len(value) == n:
         return list(value)
+    if isinstance(value, list | tuple):
+        raise EntryCountError(f"unit locations {value!r} have {len(value)} entries for {n} interventions; give one "
+                              f"entry per intervention (None skips it), an int, or a flat list of ints")
     raise ValueError(f"cannot read unit locations {value!r}: expected an int, a flat list of ints, or a list with "
                      f"one entry per intervention ({n})")
 
@@ -141,7 +150,7 @@ def parse_subspaces(subspaces: Any, n: int, batch: int) -> list:
         return shortcut
     if isinstance(subspaces, list | tuple):
         if len(subspaces) != n:
-            raise ValueError(f"subspaces has {len(subspaces)} entries for {n} interventions; give one entry "
+            raise EntryCountError(f"subspaces has {len(subspaces)} entries for {n} interventions; give one entry "
                              f"(None or a list of index lists, one per example) per intervention")
         return list(subspaces)
     return [subspaces] * n  # custom metadata (e.g. a dict) goes to every intervention untouched

@@ -16,6 +16,7 @@ the same way (`attach`), for one forward, and removed on exit, even on error:
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,18 +44,37 @@ class Attachment:
     module_hook: str | None = None  # "register_forward_hook" / "register_forward_pre_hook" for foreign models
 
 
+# The attach block whose forward passes are running in this thread (a ContextVar: each thread has its own).
+_ACTIVE: ContextVar[object | None] = ContextVar("hookvene_active_attach", default=None)
+
+
 @contextmanager
 def attach(model: nn.Module, attachments: Iterable[Attachment]) -> Iterator[None]:
-    """Attach functions for one pass; exactly these are removed on exit, even on error."""
-    attachments = list(attachments)
+    """Attach functions for the forward passes run inside this `with` block; exactly these are removed on exit,
+    even on error.
+
+    The functions act only on forward passes run by the thread that entered the block, and not inside a nested
+    `attach` (another call, e.g. an IntervenableModel called from a hook): the hook lists are shared by every
+    thread, so a plain forward of the same model in another thread, or another call's, would otherwise pick them
+    up. There they pass the activation through untouched. Nest no `attach` inside another for the same pass."""
+    token = object()
+    scoped = [Attachment(a.name, _only_in(token, a.fn), a.module_hook) for a in attachments]
     with ExitStack() as stack:
-        hooked = [(a.name, a.fn) for a in attachments if a.module_hook is None]
+        hooked = [(a.name, a.fn) for a in scoped if a.module_hook is None]
         if hooked:
             stack.enter_context(model.hooks(fwd_hooks=hooked))
-        for a in attachments:
+        for a in scoped:
             if a.module_hook is not None:
                 stack.callback(_module_hook(model, a).remove)
+        reset = _ACTIVE.set(token)
+        stack.callback(_ACTIVE.reset, reset)
         yield
+
+
+def _only_in(token: object, fn: HookFn) -> HookFn:
+    def scoped(x: Tensor, hook: Any) -> Tensor | None:
+        return fn(x, hook) if _ACTIVE.get() is token else None
+    return scoped
 
 
 def _module_hook(model: nn.Module, a: Attachment) -> Any:
@@ -112,6 +132,9 @@ def build_slots(config: IntervenableConfig, model: nn.Module) -> list[Slot]:
     """Resolve every representation's site on `model` and build its intervention (linked ones share one)."""
     slots, seen, linked = [], {}, {}
     for i, (rep, group) in enumerate(zip(config.representations, group_index(config))):
+        if not isinstance(rep.layer, int) or isinstance(rep.layer, bool):  # "0" or 1.0 would build a wrong name
+            raise TypeError(f"representation {i} ({rep.component!r}): layer must be an int (a block index), got "
+                            f"{type(rep.layer).__name__} {rep.layer!r}")
         site = resolve(model, rep.layer, rep.component, rep.unit)
         link = rep.intervention_link_key
         if link is not None and link in linked:
@@ -182,7 +205,7 @@ class Plan:
     """
 
     def __init__(self, slots: Sequence[Slot], slot_plans: list[SlotPlan], sources: list[Any] | None, mode: str,
-                 collected: dict[str, list[Tensor]] | None = None) -> None:
+                 collected: dict[str, list[Any]] | None = None) -> None:
         self.slots, self.slot_plans, self.sources, self.mode = list(slots), slot_plans, sources, mode
         self.n_groups = max((s.group for s in self.slots), default=-1) + 1
         # a dict shared with other plans of the same call (generation: the prompt's and the decode steps')
@@ -213,8 +236,17 @@ class Plan:
         return any(isinstance(s.intervention, CollectIntervention) for s in self.slots)
 
     def collected(self) -> list[Tensor]:
-        """pyvene's layout: one tensor per example (batch dim dropped) per hook call, slots in order."""
-        return [row for s in self.slots for t in self.collected_by_key[s.key] for row in t]
+        """pyvene's layout: one tensor per example (batch dim dropped) per hook call, slots in order. A time-step
+        site fires once per step: its (d,) tensors come in batch order, each example's steps in the order
+        unit_locations names them (time order without unit_locations)."""
+        out: list[Tensor] = []
+        for s in self.slots:
+            got = self.collected_by_key[s.key]
+            if s.site.view == "step":
+                out += [v for _, _, v in sorted(got, key=lambda g: (g[0], g[1]))]
+            else:
+                out += [row for t in got for row in t]
+        return out
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -282,7 +314,7 @@ def _gather(view: Tensor, sel: Selection | None, slot: Slot, what: str) -> Tenso
     return view[sel.index(view.device)]
 
 
-def _step_setter(slot: Slot, plan: SlotPlan, collected: list[Tensor]) -> HookFn:
+def _step_setter(slot: Slot, plan: SlotPlan, collected: list[tuple[int, int, Tensor]]) -> HookFn:
     """Unit `t`: act at the named time steps only, row by row; other steps and rows are untouched."""
     site, iv = slot.site, slot.intervention
 
@@ -302,8 +334,9 @@ def _step_setter(slot: Slot, plan: SlotPlan, collected: list[Tensor]) -> HookFn:
                                      f"source run ({len(plan.store)} steps)")
                 source[row] = plan.store[src_t][row]
         new = _apply(slot, view, source, plan.subspaces)
-        if isinstance(iv, CollectIntervention):
-            collected.append(new if pairs is None else new[[r for r, _ in pairs]])
+        if isinstance(iv, CollectIntervention):  # (row, unit slot, value): `Plan.collected` orders them by row
+            for row, j in pairs if pairs is not None else [(r, t) for r in range(view.shape[0])]:
+                collected.append((row, j, new[row]))
             return None
         if pairs is not None:
             rows = torch.zeros(view.shape[0], 1, dtype=torch.bool, device=view.device)
@@ -405,7 +438,7 @@ def _given(slots: Sequence[Slot], reps: Any) -> list[Tensor | None]:
 
 def make_plan(slots: Sequence[Slot], base: Any, *, sources: Any = None, unit_locations: Any = None,
               subspaces: Any = None, source_representations: Any = None, mode: str = "parallel",
-              collected: dict[str, list[Tensor]] | None = None) -> Plan:
+              collected: dict[str, list[Any]] | None = None) -> Plan:
     """Compile one call: `base` is the base run's inputs (a dict or a token tensor), the rest as in
     `IntervenableModel.forward`. Every location is checked here, before any forward runs."""
     base = as_inputs(base)
@@ -425,17 +458,36 @@ def make_plan(slots: Sequence[Slot], base: Any, *, sources: Any = None, unit_loc
         elif not needs_source:
             feed = "constant"
         elif srcs is None:
-            if not isinstance(iv, LambdaIntervention):
+            if isinstance(iv, LambdaIntervention):
+                feed = "constant"
+            elif unit_locations is None:  # nothing asked for at all: a plain run, as in pyvene
+                feed = "skip"
+            else:
                 raise ValueError(f"{what}: {type(iv).__name__} needs a source; pass sources=[...] (one per "
                                  f"group), source_representations=..., or a source_representation in the config")
-            feed = "constant"
         else:
             feed = "run" if srcs[slot.group] is not None else "skip"
         base_sel = make_selection(base_loc, unit, batch, what)
         src_batch = batch_size_of(srcs[slot.group]) if feed == "run" else batch
         src_sel = make_selection(src_loc, unit, src_batch, what) if src_loc is not None else base_sel
+        if unit == "t":
+            _check_steps(base_sel, base, what)
+            if feed == "run":
+                _check_steps(src_sel, srcs[slot.group], f"{what}, source")
         plans.append(SlotPlan(base_sel, src_sel, sub, feed, given))
     return Plan(slots, plans, srcs, mode, collected)
+
+
+def _check_steps(sel: Selection | None, inputs: Mapping[str, Any], what: str) -> None:
+    """Unit `t`: every named time step happens on this input. The time loop never reaches a step outside
+    0..T-1, so such a step would otherwise be skipped silently (negative steps are not counted from the end)."""
+    x = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    if sel is None or not isinstance(x, Tensor) or x.dim() < 2:
+        return
+    n = x.shape[1]
+    bad = [t for row in sel.levels[0] for t in row if not 0 <= t < n]
+    if bad:
+        raise ValueError(f"{what}: time step {bad[0]} is out of range; this input has {n} time steps (0..{n - 1})")
 
 
 # -- sweeps: many cells of plain patches, one vectorised write per hook -------------------------------------------

@@ -65,3 +65,45 @@ def set_seed(seed: int) -> None:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def test_prompt(prompt: str, answer: str | list[str], model: Any, prepend_space_to_answer: bool = True,
+                print_details: bool = True, prepend_bos: bool | None = None, top_k: int = 10) -> list[int]:
+    """TransformerLens's prompt check: run `prompt + answer` and print, for each answer token, its rank, logit and
+    probability after the tokens before it, with the top-k predictions there. Returns the answer tokens' ranks
+    (0 = the model's top prediction). `model` is any hookvene language model with a tokenizer."""
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    ranks: list[int] = []
+    for ans in answers:
+        if prepend_space_to_answer and not ans.startswith(" "):
+            ans = " " + ans
+        prompt_tokens = model.to_tokens(prompt, prepend_bos=prepend_bos)
+        answer_tokens = model.to_tokens(ans, prepend_bos=False)
+        tokens = torch.cat([prompt_tokens, answer_tokens], dim=1)
+        with torch.no_grad():
+            probs = model(tokens, return_type="logits")[0].float()
+        logits, probs = probs, probs.softmax(-1)
+        n_prompt = prompt_tokens.shape[1]
+        if print_details:
+            print("Tokenized prompt:", model.to_str_tokens(prompt_tokens[0]))
+            print("Tokenized answer:", model.to_str_tokens(answer_tokens[0]))
+        for i, tok in enumerate(answer_tokens[0].tolist()):
+            at = n_prompt - 1 + i  # the position whose next-token prediction is this answer token
+            order = logits[at].argsort(descending=True)
+            rank = int((order == tok).nonzero()[0, 0])
+            ranks.append(rank)
+            if print_details:
+                print(f"Performance on answer token:\nRank: {rank:<8} Logit: {logits[at, tok]:5.2f} "
+                      f"Prob: {probs[at, tok]:6.2%} Token: |{model.to_single_str_token(tok)}|")
+                for k in range(top_k):
+                    t = int(order[k])
+                    print(f"Top {k}th token. Logit: {logits[at, t]:5.2f} Prob: {probs[at, t]:6.2%} "
+                          f"Token: |{model.to_single_str_token(t)}|")
+    if print_details:
+        print("Ranks of the answer tokens:", list(zip(model.to_str_tokens(torch.tensor(
+            [t for a in answers for t in model.to_tokens(a if a.startswith(" ") or not prepend_space_to_answer
+                                                         else " " + a, prepend_bos=False)[0].tolist()])), ranks)))
+    return ranks
+
+
+test_prompt.__test__ = False  # a TransformerLens name, not a pytest test

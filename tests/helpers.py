@@ -52,16 +52,26 @@ def tiny_gpt2(tokenizer=None, seed: int = 0, **overrides):
     return GPT2LMHeadModel(GPT2Config(**kw, attn_implementation="eager")).eval()
 
 
+# TransformerLens's opt-in hook points (set_use_attn_result, set_use_split_qkv_input, set_use_attn_in,
+# set_use_hook_mlp_in): they exist in hook_dict but fire only when their flag is on
+GATED_HOOKS = ("attn.hook_result", "hook_q_input", "hook_k_input", "hook_v_input", "hook_attn_in", "hook_mlp_in")
+
+
+def ungated_hooks(model) -> list[str]:
+    """The hook points that fire in a plain forward pass."""
+    return [n for n in model.hook_dict if not n.endswith(GATED_HOOKS)]
+
+
 # -- numeric checks shared by the tests ---------------------------------------------------------------------------
 
 ATOL = 1e-5  # float32 agreement between two computations of the same thing
 
 
 def close(a, b, atol=ATOL):
-    """Same shape and max |a - b| <= atol (the error is shown on failure)."""
+    """Same shape and max |a - b| <= atol, equal infinities allowed (masked attention scores); the error is shown
+    on failure."""
     assert a.shape == b.shape, (a.shape, b.shape)
-    err = (a - b).abs().max().item()
-    assert err <= atol, err
+    torch.testing.assert_close(a, b, rtol=0.0, atol=atol, check_dtype=False)
 
 
 def differs(a, b):

@@ -194,7 +194,7 @@ def test_multi_token_answer_with_a_bpe_tokenizer(tiny_dir, tmp_path, capsys):
 def test_answer_outside_the_vocabulary(tmp_path, capsys):
     said = fails(["trace", "--prompt", CLEAN, "--subject", "Mary", "--target", " Colosseum", "--samples", "2",
                   "--out", str(tmp_path)], capsys)
-    assert "Colosseum" in said
+    assert "' Colosseum' is not in this tokenizer's vocabulary" in said
 
 
 def test_patch_prompts_of_different_lengths(tmp_path, capsys):

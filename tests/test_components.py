@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import hookvene as pv
+from tests.helpers import GATED_HOOKS, close, differs, ungated_hooks
 from tests.test_component_aliases import BLOCK, DECODER, GRU_CELL, MODELS, H
 
 
@@ -50,15 +51,6 @@ def collect(model, inputs, layer, component, unit, unit_locations=None):
                                "intervention_type": pv.CollectIntervention}, model)
     (_, collected), _ = iv(inputs, unit_locations=unit_locations)
     return torch.stack(collected)
-
-
-def close(a, b):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def differs(a, b):
-    assert (a - b).abs().max() > 1e-3, "source and base agree here: the check would prove nothing"
 
 
 def heads(x, n_heads):
@@ -283,6 +275,8 @@ def test_gru_interchange_lands_at_its_step_and_gate(component, part):
 
 # per-layer hooks that no pyvene component names (a raw hook name reaches them)
 RAW_ONLY = {"decoder.blocks.2.cross_attn.hook_attn_scores"}
+# TransformerLens's hooks with no pyvene counterpart: each LayerNorm's scale, and the opt-in ones (set_use_*)
+TL_ONLY = ("ln1.hook_scale", "ln2.hook_scale") + GATED_HOOKS
 
 
 @pytest.mark.parametrize("arch,layer_prefixes,names", [
@@ -296,7 +290,7 @@ def test_every_layer_hook_has_a_pyvene_name(arch, layer_prefixes, names):
     """Each per-layer hook is the target of some component in the hand-written lists (which
     test_component_aliases checks), except the few listed in RAW_ONLY."""
     model, _ = MODELS[arch]
-    layer_hooks = {h for h in model.hook_dict if h.startswith(tuple(layer_prefixes))}
+    layer_hooks = {h for h in model.hook_dict if h.startswith(tuple(layer_prefixes)) and not h.endswith(TL_ONLY)}
     assert layer_hooks - set(names) == {h for h in RAW_ONLY if h in layer_hooks}
 
 
@@ -305,11 +299,13 @@ def test_every_hook_works_as_a_raw_component_name(arch):
     """A raw hook name is a component too: it collects exactly that hook's tensor (GRU per-step hooks at step 3)."""
     model, inputs = MODELS[arch]
     _, cache = model.run_with_cache(**inputs)
-    for hook in model.hook_dict:
+    for hook in ungated_hooks(model):  # the opt-in hooks (set_use_*) do not fire in a plain forward
         if hook.startswith("layers."):  # GRU per-step hooks: unit t
             close(collect(model, inputs, 0, hook, "t", {"base": 3}), cache[hook][:, 3])
         else:
             iv = pv.IntervenableModel({"layer": 0, "component": hook, "intervention_type": pv.CollectIntervention},
                                       model)
             (_, collected), _ = iv(inputs)
-            close(torch.cat([c[None] for c in collected]), cache[hook])
+            # the cache read every hook, so its LayerNorms ran spelled out (for hook_scale), ~1 ulp from the fused
+            # kernel the collecting run used: up to ~1.5e-5 a few layers later
+            close(torch.cat([c[None] for c in collected]), cache[hook], atol=4e-5)

@@ -30,6 +30,9 @@ CASES = {
                                   ["activations.pt"]),
     "06_steering_generation.py": (["steered:", "same as a hand-written hook", "P(women's names)"],
                                   ["steering.png"]),
+    "07_ioi_walkthrough.py": (["Average logit difference:", "final_post=", "Per-component attribution: embed=",
+                               "Top heads by direct logit attribution: L", "Patching resid_pre restores most"],
+                              ["ioi_head_attribution.png", "ioi_top_heads.html", "ioi_patching.png"]),
 }
 
 

@@ -9,6 +9,7 @@
 - SweepResult: save/load, normalized, top, plot; bad inputs raise ValueError.
 """
 
+import statistics
 import types
 
 import pytest
@@ -321,21 +322,27 @@ def test_attribution_exact_downstream_of_last_attention(last_layer_affine_model,
         assert (approx.values[first] - exact.values[first]).abs().max().item() > 1e-3
 
 
-# Measured on this 2-layer model (seed 0, HF-default init 0.02) with the CLEAN/CORRUPTED pair: heads 1.000,
-# resid_pre 0.961. The heads estimate is robust (>= 0.999 for seeds 0-3); resid_pre is not: its layer-0 cells at the
-# swapped tokens patch a whole token embedding through LayerNorm, far outside the linear regime (seeds 1-3 gave -0.18,
-# 0.67, 0.84; float64 gives the same numbers, so this is the method, not round-off). Hence the fixed seed.
-MIN_CORRELATION = {"heads": 0.9, "resid_pre": 0.8}
+# Correlation of attribution with exact patching on random models with an ordinary (HF default, 0.02) init and the
+# CLEAN/CORRUPTED pair. heads: 1.000 for every seed 0-9, 2 to 4 layers. resid_pre is method-limited: its layer-0 cells
+# at the swapped tokens patch a whole token embedding through LayerNorm, far outside the linear regime (float64 gives
+# the same numbers, so this is the method, not round-off). With 2 layers those cells dominate and one model is a coin
+# toss (seeds 0-4: 0.96, -0.18, 0.67, 0.84, 0.35); with 4 layers the downstream cells, where the approximation holds,
+# dominate (seeds 0-9: 0.80, 0.97, 0.98, 0.93, 0.95, 0.91, 0.99, 0.95, 0.86, 0.98; the median of any 3 consecutive
+# seeds is >= 0.93). Hence 4 layers and the median over 3 seeds.
+MIN_CORRELATION = {"heads": 0.99, "resid_pre": 0.8}
+CORRELATION_SEEDS = (0, 1, 2)
 
 
 @pytest.mark.parametrize("kind", ["heads", "resid_pre"])
 def test_attribution_correlates_with_exact(kind):
-    model = make_model(seed=0, init=0.02)  # an ordinary (HF default) random init: LayerNorms, GELU, softmax intact
-    exact = activation_patch(model, CLEAN, CORRUPTED, METRIC, kind=kind)
-    approx = attribution_patch(model, CLEAN, CORRUPTED, METRIC, kind=kind)
-    stats = compare(exact, approx)
-    assert stats["correlation"] > MIN_CORRELATION[kind], stats
-    assert approx.kind == f"attribution:{kind}"
+    correlations = []
+    for seed in CORRELATION_SEEDS:
+        model = make_model(n_layer=4, seed=seed, init=0.02)  # LayerNorms, GELU, softmax intact
+        exact = activation_patch(model, CLEAN, CORRUPTED, METRIC, kind=kind)
+        approx = attribution_patch(model, CLEAN, CORRUPTED, METRIC, kind=kind)
+        assert approx.kind == f"attribution:{kind}"
+        correlations.append(compare(exact, approx)["correlation"])
+    assert statistics.median(correlations) > MIN_CORRELATION[kind], correlations
 
 
 def test_attribution_leaves_model_untouched(model):
@@ -472,8 +479,6 @@ def test_sweep_result_save_load_round_trip(tmp_path, model):
 
 
 def test_sweep_result_plot_writes_png(tmp_path):
-    pytest.importorskip("hookvene.viz")
-    pytest.importorskip("matplotlib")
     path = tmp_path / "grid.png"
     small_result().plot(str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -481,36 +486,74 @@ def test_sweep_result_plot_writes_png(tmp_path):
 
 # -- bad input --------------------------------------------------------------------------------------------------------
 
+SHAPES = "must have the same shape to be patched position by position"
+SUBJECT = "must be non-empty and within the prompt's 6 tokens"
+RECEIVERS = r"receivers must be per-head hooks \(attn\.hook_q/k/v/z\) of this model"
+# case -> (a regex of the message it must raise, the call)
 BAD_INPUTS = {
-    "unknown kind (activation_patch)": lambda m, ct: activation_patch(m, CLEAN, CORRUPTED, METRIC, kind="neurons"),
-    "unknown kind (attribution_patch)": lambda m, ct: attribution_patch(m, CLEAN, CORRUPTED, METRIC, kind="neurons"),
-    "unknown kind (causal_trace)": lambda m, ct: causal_trace(ct, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind="neurons"),
-    "shorter corrupted (activation_patch)": lambda m, ct: activation_patch(m, CLEAN, CORRUPTED[:, :-1], METRIC),
-    "fewer corrupted (activation_patch)": lambda m, ct: activation_patch(m, CLEAN, CORRUPTED[:2], METRIC),
-    "shorter corrupted (attribution_patch)": lambda m, ct: attribution_patch(m, CLEAN, CORRUPTED[:, :-1], METRIC),
-    "fewer corrupted (path_patch)": lambda m, ct: path_patch(m, CLEAN, CORRUPTED[:2], METRIC),
-    "batch of prompts (causal_trace)": lambda m, ct: causal_trace(ct, CLEAN, [1], CT_TARGET),
-    "subject past the end": lambda m, ct: causal_trace(ct, CT_PROMPT, [CT_PROMPT.shape[1]], CT_TARGET),
-    "negative subject": lambda m, ct: causal_trace(ct, CT_PROMPT, [-1], CT_TARGET),
-    "one subject out of range": lambda m, ct: causal_trace(ct, CT_PROMPT, [0, 99], CT_TARGET),
-    "empty subject": lambda m, ct: causal_trace(ct, CT_PROMPT, [], CT_TARGET),
-    "unknown receiver hook": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,
-                                                      receivers=[("blocks.9.attn.hook_q", 0)]),
+    "unknown kind (activation_patch)": (
+        "unknown sweep kind 'neurons'; choose one of resid_pre",
+        lambda m, ct: activation_patch(m, CLEAN, CORRUPTED, METRIC, kind="neurons")),
+    "unknown kind (attribution_patch)": (
+        "unknown sweep kind 'neurons'; choose one of resid_pre",
+        lambda m, ct: attribution_patch(m, CLEAN, CORRUPTED, METRIC, kind="neurons")),
+    "unknown kind (causal_trace)": (
+        r"kind must be one of \['resid_post', 'mlp_out', 'attn_out'\], got 'neurons'",
+        lambda m, ct: causal_trace(ct, CT_PROMPT, CT_SUBJECT, CT_TARGET, kind="neurons")),
+    "shorter corrupted (activation_patch)": (
+        r"clean \(3, 5\) and corrupted \(3, 4\) inputs " + SHAPES,
+        lambda m, ct: activation_patch(m, CLEAN, CORRUPTED[:, :-1], METRIC)),
+    "fewer corrupted (activation_patch)": (
+        r"clean \(3, 5\) and corrupted \(2, 5\) inputs " + SHAPES,
+        lambda m, ct: activation_patch(m, CLEAN, CORRUPTED[:2], METRIC)),
+    "shorter corrupted (attribution_patch)": (
+        r"clean \(3, 5\) and corrupted \(3, 4\) inputs " + SHAPES,
+        lambda m, ct: attribution_patch(m, CLEAN, CORRUPTED[:, :-1], METRIC)),
+    "fewer corrupted (path_patch)": (
+        r"clean \(3, 5\) and corrupted \(2, 5\) inputs " + SHAPES,
+        lambda m, ct: path_patch(m, CLEAN, CORRUPTED[:2], METRIC)),
+    "batch of prompts (causal_trace)": (
+        "causal_trace takes one prompt, got a batch of 3",
+        lambda m, ct: causal_trace(ct, CLEAN, [1], CT_TARGET)),
+    "subject past the end": (
+        r"subject positions \[6\] " + SUBJECT,
+        lambda m, ct: causal_trace(ct, CT_PROMPT, [CT_PROMPT.shape[1]], CT_TARGET)),
+    "negative subject": (
+        r"subject positions \[-1\] " + SUBJECT,
+        lambda m, ct: causal_trace(ct, CT_PROMPT, [-1], CT_TARGET)),
+    "one subject out of range": (
+        r"subject positions \[0, 99\] " + SUBJECT,
+        lambda m, ct: causal_trace(ct, CT_PROMPT, [0, 99], CT_TARGET)),
+    "empty subject": (
+        r"subject positions \[\] " + SUBJECT,
+        lambda m, ct: causal_trace(ct, CT_PROMPT, [], CT_TARGET)),
+    "unknown receiver hook": (
+        RECEIVERS + r".*got \['blocks\.9\.attn\.hook_q'\]",
+        lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, receivers=[("blocks.9.attn.hook_q", 0)])),
     # the five below used to fail deep inside the sweep (IndexError / KeyError / RuntimeError), not up front
-    "receiver hook without heads": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,
-                                                            receivers=[("blocks.1.hook_resid_pre", 0)]),
-    "receiver head out of range": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC,
-                                                           receivers=[("blocks.1.attn.hook_q", 7)]),
-    "sender layer out of range": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, senders=[(5, 0)]),
-    "sender head out of range": lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, senders=[(0, 9)]),
-    "target outside the vocabulary": lambda m, ct: causal_trace(ct, CT_PROMPT, CT_SUBJECT, N_VOCAB + 5),
+    "receiver hook without heads": (
+        RECEIVERS + r".*got \['blocks\.1\.hook_resid_pre'\]",
+        lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, receivers=[("blocks.1.hook_resid_pre", 0)])),
+    "receiver head out of range": (
+        r"receiver heads \[\('blocks\.1\.attn\.hook_q', 7\)\] out of range: the model has 4 heads",
+        lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, receivers=[("blocks.1.attn.hook_q", 7)])),
+    "sender layer out of range": (
+        r"sender heads \[\(5, 0\)\] out of range: the model has 2 layers x 4 heads",
+        lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, senders=[(5, 0)])),
+    "sender head out of range": (
+        r"sender heads \[\(0, 9\)\] out of range: the model has 2 layers x 4 heads",
+        lambda m, ct: path_patch(m, CLEAN, CORRUPTED, METRIC, senders=[(0, 9)])),
+    "target outside the vocabulary": (
+        r"target token 106 is outside the vocabulary \[0, 101\)",
+        lambda m, ct: causal_trace(ct, CT_PROMPT, CT_SUBJECT, N_VOCAB + 5)),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_inputs_raise_value_error(model, ct_model, case):
-    with pytest.raises(ValueError):
-        BAD_INPUTS[case](model, ct_model)
+    message, call = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message):
+        call(model, ct_model)
 
 
 def test_top_ignores_cells_left_empty(pp_model):

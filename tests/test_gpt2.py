@@ -9,7 +9,7 @@ import torch
 
 import hookvene
 from hookvene import GPT2, GPT2LM
-from tests.helpers import tiny_gpt2
+from tests.helpers import tiny_gpt2, ungated_hooks
 
 ATOL = 1e-4
 VOCAB = 101  # tiny_gpt2's vocabulary without a tokenizer (odd on purpose)
@@ -42,7 +42,7 @@ def loaded(hf, tmp_path_factory):
     hf.save_pretrained(d / "st")
     assert os.path.isfile(d / "st" / "model.safetensors")
     return {"memory": hookvene.from_pretrained(hf), "safetensors": hookvene.from_pretrained(str(d / "st")),
-            "bin": hookvene.from_pretrained(save_bin(hf, str(d / "bin")))}
+            "bin": hookvene.from_pretrained(save_bin(hf, str(d / "bin")), allow_pickle=True)}
 
 
 def make_batch(padding: str, batch: int = 3, pos: int = 9, seed: int = 1):
@@ -238,7 +238,7 @@ def test_hf_attribute_aliases(small):
     assert model.transformer.h[0] is model.blocks[0] and model.transformer is model
     assert model.lm_head is model.unembed
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="GPT2Config has no attribute 'no_such_option'"):
         cfg.no_such_option  # noqa: B018
 
 
@@ -249,13 +249,14 @@ def test_every_hook_point_fires_with_its_documented_shape(small):
               "hook_attn_scores": (b, h, p, p), "hook_pattern": (b, h, p, p), "hook_resid_pre": (b, p, d),
               "hook_resid_mid": (b, p, d), "hook_resid_post": (b, p, d), "hook_attn_out": (b, p, d),
               "hook_mlp_out": (b, p, d), "hook_normalized": (b, p, d), "hook_embed": (b, p, d),
-              "hook_pre": (b, p, m), "hook_post": (b, p, m), "hook_logits": (b, p, v)}
+              "hook_pre": (b, p, m), "hook_post": (b, p, m), "hook_logits": (b, p, v), "hook_scale": (b, p, 1)}
     fired = []
     with torch.no_grad(), model.hooks([(lambda n: True, lambda t, hk: fired.append(hk.name))]):
         _, cache = model.run_with_cache(torch.randint(0, VOCAB, (b, p)))
-    assert sorted(fired) == sorted(model.hook_dict)  # every hook point fires, exactly once
-    assert set(cache) == set(model.hook_dict)
-    assert len(model.hook_dict) == 4 + 2 * 15  # embed, pos_embed, ln_final, logits + 15 per block
+    assert sorted(fired) == sorted(ungated_hooks(model))  # every hook point but TL's opt-in ones fires, once
+    assert set(cache) == set(ungated_hooks(model))
+    # embed, pos_embed, ln_final (2), logits + 23 per block (as TransformerLens), 6 of them opt-in
+    assert len(model.hook_dict) == 5 + 2 * 23 and len(ungated_hooks(model)) == 5 + 2 * 17
     for name, t in cache.items():
         kind = name.rsplit(".", 1)[-1]
         assert t.shape == (shapes[kind] if kind != "hook_pos_embed" else (b, p, d)), name

@@ -9,6 +9,7 @@ import hookvene
 from hookvene.loading.common import CheckpointError
 from hookvene.loading.gpt_neo import config_from_hf
 from hookvene.models.gpt_neo import GPTNeo, GPTNeoConfig, GPTNeoLM
+from tests.helpers import ungated_hooks
 
 VOCAB, N_CTX, D_MODEL, N_HEADS, D_MLP, WINDOW = 97, 40, 36, 4, 50, 4
 LAYERS = [[["global", "local"], 1], [["local"], 1]]  # global, local, local
@@ -173,9 +174,10 @@ def test_start_and_stop_at_layer(neo):
 def test_every_hook_fires_with_documented_shapes(neo):
     batch, pos, d_head = 2, 9, D_MODEL // N_HEADS
     _, cache = neo.run_with_cache(ids(batch, pos))
-    assert sorted(cache) == sorted(neo.hook_dict)  # every hook point fired
+    assert sorted(cache) == sorted(ungated_hooks(neo))  # every hook point but TL's opt-in ones fired
     shapes = {"hook_embed": (batch, pos, D_MODEL), "hook_pos_embed": (batch, pos, D_MODEL),
-              "ln_final.hook_normalized": (batch, pos, D_MODEL), "hook_logits": (batch, pos, VOCAB)}
+              "ln_final.hook_normalized": (batch, pos, D_MODEL), "hook_logits": (batch, pos, VOCAB),
+              "ln_final.hook_scale": (batch, pos, 1)}
     for i in range(3):
         b = f"blocks.{i}."
         for name in ["hook_resid_pre", "ln1.hook_normalized", "hook_attn_out", "hook_resid_mid",
@@ -186,6 +188,7 @@ def test_every_hook_fires_with_documented_shapes(neo):
         for name in ["attn.hook_attn_scores", "attn.hook_pattern"]:
             shapes[b + name] = (batch, N_HEADS, pos, pos)
         shapes[b + "mlp.hook_pre"] = shapes[b + "mlp.hook_post"] = (batch, pos, D_MLP)
+        shapes[b + "ln1.hook_scale"] = shapes[b + "ln2.hook_scale"] = (batch, pos, 1)
     assert set(shapes) == set(cache)
     for name, shape in shapes.items():
         assert tuple(cache[name].shape) == shape, name

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hookvene import GPT2LM, ActivationCache, GPT2Config, HookPoint, act_name
+from tests.helpers import ungated_hooks
 
 D_VOCAB, N_CTX = 23, 12
 
@@ -85,7 +86,7 @@ def test_add_hook_by_name_list_and_predicate(model, tokens):
 
 
 def test_add_hook_rejects_bad_direction(model):
-    with pytest.raises(ValueError, match="dir"):
+    with pytest.raises(ValueError, match="dir must be 'fwd' or 'bwd', got 'sideways'"):
         model.add_hook("hook_embed", noop, dir="sideways")
     assert not model.has_hooks()
 
@@ -177,7 +178,7 @@ def test_hooks_context_with_an_unknown_name_attaches_nothing(model):
         with model.hooks([("hook_embed", noop), ("blocks.0.hook_resid_pr", noop)]):
             pass
     assert not model.has_hooks()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown hook point 'blocks\.0\.hook_resid_pr'\. Did you mean"):
         model.add_hook(["hook_embed", "blocks.0.hook_resid_pr"], noop)
     assert not model.has_hooks()  # the list was checked before anything was attached
 
@@ -221,7 +222,7 @@ def test_unknown_name_suggests_close_matches(model, tokens, bad, good):
 
 
 def test_run_with_cache_filter_forms(model, tokens):
-    all_names = list(model.hook_dict)
+    all_names = ungated_hooks(model)
     with torch.no_grad():
         ref = model(tokens).logits
         out, cache = model.run_with_cache(tokens)
@@ -266,7 +267,7 @@ def test_activation_cache_shorthand(model, tokens):
     assert act_name("hook_embed") == "hook_embed"
     with pytest.raises((KeyError, ValueError), match="blocks.0.attn.hook_pattern"):
         cache["blocks.0.attn.hook_patern"]
-    with pytest.raises((KeyError, ValueError)):
+    with pytest.raises((KeyError, ValueError), match=r"unknown cached activation 'blocks\.7\.attn\.hook_pattern'"):
         cache["pattern", 7]
     torch.testing.assert_close(cache["pattern", 0].sum(-1), torch.ones(2, 2, 7))
 
@@ -336,11 +337,11 @@ def test_backward_hook_can_replace_the_gradient(model, tokens):
 
 
 def test_incl_bwd_gives_autograd_gradients(model, tokens):
-    ref = reference_grads(model, tokens, list(model.hook_dict), lambda out: out.loss)
+    ref = reference_grads(model, tokens, ungated_hooks(model), lambda out: out.loss)
     out, cache = model.run_with_cache(tokens, labels=tokens, incl_bwd=True)
     assert not model.has_hooks()
-    assert set(cache) == set(model.hook_dict) | {n + "_grad" for n in model.hook_dict}
-    for n in model.hook_dict:
+    assert set(cache) == set(ungated_hooks(model)) | {n + "_grad" for n in ungated_hooks(model)}
+    for n in ungated_hooks(model):
         torch.testing.assert_close(cache[n + "_grad"], ref[n], atol=1e-6, rtol=1e-5, msg=n)
         assert cache[n + "_grad"].shape == cache[n].shape
     _, cache = model.run_with_cache(tokens, labels=tokens, incl_bwd=True, names_filter="blocks.1.attn.hook_pattern")

@@ -696,7 +696,12 @@ def test_output_original_output_and_return_dict(model):
 def test_labels_are_forwarded(model):
     pvm = pv.IntervenableModel({"layer": 1}, model)
     _, out = pvm(B(), [B(SRC)], {"sources->base": 3}, labels=BASE)
-    assert out.loss is not None and out.loss.ndim == 0
+    # the language-model loss of the intervened logits (next-token targets), not of the plain model's
+    expect = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), BASE[:, 1:].flatten())
+    close(out.loss, expect)
+    plain_loss = model(BASE, labels=BASE).loss
+    close(plain_loss, torch.nn.functional.cross_entropy(plain(model)[:, :-1].flatten(0, 1), BASE[:, 1:].flatten()))
+    assert (out.loss - plain_loss).abs() > 1e-4
 
 
 # -- hooks, state and side effects ---------------------------------------------------------------------------------
@@ -784,10 +789,27 @@ def test_transformers_model_is_converted_with_shared_weights():
     close(out.logits, expect, atol=1e-4)
 
 
-def test_train_eval_return_self(model):
-    pvm = pv.IntervenableModel({"layer": 0, "intervention_type": pv.RotatedSpaceIntervention}, make_model())
+def test_train_eval_return_self_and_toggle_the_interventions(fresh):
+    """pyvene's train() returns None and toggles only the model; here train()/eval() return the wrapper and set the
+    mode of the wrapper, of every intervention (and its submodules, e.g. the rotation) and of the wrapped model."""
+    pvm = pv.IntervenableModel([{"layer": 0, "intervention_type": pv.RotatedSpaceIntervention},
+                                {"layer": 1, "intervention_type": pv.VanillaIntervention}], fresh)
+    interventions = [s.intervention for s in pvm.slots]
+
+    def modes():
+        return {"wrapper": pvm.training, "model": fresh.training,
+                **{f"intervention {i}": all(m.training for m in iv.modules()) for i, iv in enumerate(interventions)}}
+
+    fresh.eval()
+    for iv in interventions:
+        iv.eval()
     assert pvm.train() is pvm
+    assert set(modes().values()) == {True}, modes()
     assert pvm.eval() is pvm
+    assert set(modes().values()) == {False}, modes()
+    pvm.train()
+    assert pvm.train(False) is pvm
+    assert set(modes().values()) == {False}, modes()
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -882,7 +904,7 @@ def test_save_load_custom_class(model, tmp_path):
         iv.scale.copy_(torch.linspace(-2, 2, D))
     _, out = pvm(B(), [B(SRC)], {"sources->base": 1})
     pvm.save(str(tmp_path))
-    new = pv.IntervenableModel.load(str(tmp_path), model=model)
+    new = pv.IntervenableModel.load(str(tmp_path), model=model, intervention_types=[ScaleIntervention])
     assert isinstance(new.interventions[new.sorted_keys[0]][0], ScaleIntervention)
     _, out2 = new(B(), [B(SRC)], {"sources->base": 1})
     close(out2.logits, out.logits, atol=0)
@@ -898,7 +920,7 @@ def test_save_load_zero_and_modes(model, tmp_path):
 
 
 def test_load_missing_dir(model, tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"was not written by IntervenableModel\.save: missing .*config\.json"):
         pv.IntervenableModel.load(str(tmp_path / "nothing"), model=model)
 
 

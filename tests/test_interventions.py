@@ -425,9 +425,33 @@ def test_trainable_flags():
     assert pv.ZeroIntervention().is_source_constant and pv.CollectIntervention().is_source_constant
 
 
-@pytest.mark.parametrize("cls", [pv.RotatedSpaceIntervention, pv.LowRankRotatedSpaceIntervention,
-                                 pv.SigmoidMaskRotatedSpaceIntervention])
-def test_rotations_are_distributed(cls):
-    """DAS rotations span the selected units (pyvene flattens (b, n, d) to (b, n*d) before calling them)."""
-    assert cls.is_repr_distributed is True
-    assert pv.VanillaIntervention.is_repr_distributed is False
+# type -> (is_repr_distributed, flattens_units). is_repr_distributed is pyvene's marker (Localist... /
+# DistributedRepresentationIntervention mixins): False for types acting on each unit's vector on its own, True for
+# rotations whose basis spans the units. Whether the units are flattened before the call is a separate rule:
+# Boundless DAS is distributed yet gets (b, n, d) as is, as in pyvene.
+REPRESENTATION = {
+    pv.VanillaIntervention: (False, False),
+    pv.AdditionIntervention: (False, False),
+    pv.SubtractionIntervention: (False, False),
+    pv.SkipIntervention: (False, False),
+    pv.ZeroIntervention: (False, False),
+    pv.NoiseIntervention: (False, False),
+    pv.SigmoidMaskIntervention: (False, False),
+    pv.RotatedSpaceIntervention: (True, True),
+    pv.LowRankRotatedSpaceIntervention: (True, True),
+    pv.SigmoidMaskRotatedSpaceIntervention: (True, True),
+    pv.BoundlessRotatedSpaceIntervention: (True, False),
+}
+
+
+@pytest.mark.parametrize("cls", list(REPRESENTATION), ids=lambda c: c.__name__)
+def test_is_repr_distributed(cls):
+    distributed, flattened = REPRESENTATION[cls]
+    iv = cls(embed_dim=4, low_rank_dimension=2)
+    assert iv.is_repr_distributed is cls.is_repr_distributed is distributed
+    marker = pv.DistributedRepresentationIntervention if distributed else pv.LocalistRepresentationIntervention
+    assert isinstance(iv, marker)
+    assert iv.flattens_units is flattened
+    # keep_last_dim=True turns flattening off without changing what the representation is
+    kept = cls(embed_dim=4, low_rank_dimension=2, keep_last_dim=True)
+    assert kept.is_repr_distributed is distributed and kept.flattens_units is False

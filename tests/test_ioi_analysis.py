@@ -10,7 +10,10 @@ from hookvene.loading import load_tokenizer, resolve_path
 def test_ioi_analysis_on_the_bundled_model(tmp_path):
     model = hookvene.from_pretrained("ioi-gpt2")
     tokenizer = load_tokenizer(resolve_path("ioi-gpt2"))
-    report = ioi_analysis(model, tokenizer, n=32, out_dir=str(tmp_path), progress=False)
+    # 64 prompts (the default): with 32 the thresholds below held for seed 0 only by luck (seed 2: accuracy 0.906,
+    # seed 5: corrupted logit diff -1.23). With 64, seeds 0-11 give accuracy >= 0.92, |corrupted| <= 0.77, best
+    # effect >= 0.87, restored - corrupted >= 4.96.
+    report = ioi_analysis(model, tokenizer, n=64, seed=0, out_dir=str(tmp_path), progress=False)
     assert report.accuracy > 0.9 and report.clean_logit_diff > 3  # the model solves held-out IOI prompts
     assert abs(report.corrupted_logit_diff) < 1  # the ABC corruption removes the signal
     assert report.heads.values.shape == (4, 4)

@@ -227,7 +227,7 @@ def test_hub_name_with_only_bin_weights(hf, tmp_path, monkeypatch):
     hf.config.save_pretrained(repo)
     torch.save(hf.state_dict(), repo / "pytorch_model.bin")
     fake_hub(monkeypatch, str(repo), tmp_path / "snap")
-    model = hookvene.from_pretrained("someone/old-gpt2")
+    model = hookvene.from_pretrained("someone/old-gpt2", allow_pickle=True)
     ids = torch.randint(0, 101, (1, 5))
     with torch.no_grad():
         assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4

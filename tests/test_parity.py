@@ -25,9 +25,11 @@ from tests.helpers import save_checkpoint, tiny_gpt2
 # dtype -> (absolute, relative) tolerance. float32: both sides compute the same O(1..10) activations through a few
 # dozen ops whose summation order differs (fused qkv vs split, SDPA vs explicit softmax); measured max errors are
 # <= 2.5e-6 on hidden states and patterns, and up to 1.2e-5 on logits of a tied unembedding (|logit| up to ~20,
-# hence the relative part, used for logits only). float64: the same computations agree to ~1e-14, so 1e-10 still
-# leaves a wide margin. A misplaced tensor changes the compared values by ~0.1 or more.
-TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
+# hence the relative part, used for logits only). Read through every hook, each LayerNorm is spelled out (so that
+# `hook_scale` can be read), which rounds ~1 ulp away from the fused kernel HF uses; through a few blocks that is up
+# to ~2.2e-5 on logits, hence 4e-5 absolute. float64: the same computations agree to ~1e-14, so 1e-10 still leaves
+# a wide margin. A misplaced tensor changes the compared values by ~0.1 or more.
+TOL = {torch.float32: (4e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
 SPREAD = 0.1  # minimal spread of each reference tensor: its std, for attention patterns `pattern_spread`
 SETUPS = {  # name: (load from a saved checkpoint directory, dtype)
     "memory": (False, torch.float32),

@@ -355,7 +355,9 @@ def test_tutorial_5_collecting_activations(gpt2_dir, capsys):
     # the collected activations are in the first element: ((original_outputs, activations), outputs).
     (original, activations), outputs = intervenable(base=inputs)
     assert original is None
-    assert collected is not None and outputs.logits.shape == (1, 2, len(tokenizer))
+    assert outputs.logits.shape == (1, 2, len(tokenizer))
+    close(collected.logits, outputs.logits)  # Collect interventions leave the output unchanged
+    close(outputs.logits, model(**inputs).logits, ATOL_HF)
     # no unit_locations: each Collect returns the whole tensor, one entry per key (batch of one)
     cache = intervenable.model.run_with_cache(inputs["input_ids"])[1]
     assert [a.shape for a in activations] == [(2, 256), (2, 256)]

@@ -247,22 +247,28 @@ def test_inputs_embeds_equals_input_ids(pair, batch):
 def test_bad_inputs_raise(pair, batch):
     _, _, model = pair
     x, y = batch["input_ids"], batch["decoder_input_ids"]
-    bad = [
-        dict(input_ids=x, decoder_input_ids=torch.full_like(y, V)),  # decoder token outside the vocabulary
-        dict(input_ids=-x, decoder_input_ids=y),  # negative encoder token
-        dict(input_ids=x[0], decoder_input_ids=y),  # 1-D input_ids
-        dict(input_ids=x),  # no decoder input, no labels
-        dict(decoder_input_ids=y),  # nothing to encode
-        dict(input_ids=x, inputs_embeds=model.shared(x), decoder_input_ids=y),  # both
-        dict(input_ids=x, attention_mask=batch["attention_mask"][:, :5], decoder_input_ids=y),
-        dict(input_ids=x, decoder_input_ids=y, decoder_attention_mask=torch.ones(3, 4, dtype=torch.long)),
-        dict(encoder_outputs=torch.zeros(3, 5, D + 1), decoder_input_ids=y),
-        dict(encoder_outputs=torch.zeros(2, 5, D), decoder_input_ids=y),  # batch mismatch
-        dict(input_ids=x, labels=torch.full_like(y, V)),
-        dict(input_ids=x, decoder_input_ids=y, labels=y[:, :4]),
+    outside = rf"token id {V} is outside the vocabulary \[0, {V}\)"
+    one_of = "pass exactly one of input_ids and inputs_embeds"
+    bad = [  # (a regex of the message, the call's arguments)
+        (outside, dict(input_ids=x, decoder_input_ids=torch.full_like(y, V))),  # decoder token outside the vocabulary
+        (rf"token id -\d+ is outside the vocabulary \[0, {V}\)", dict(input_ids=-x, decoder_input_ids=y)),
+        (r"input_ids must have shape \(batch, pos\), got \(23,\)", dict(input_ids=x[0], decoder_input_ids=y)),
+        ("decoder_input_ids is required", dict(input_ids=x)),  # no decoder input, no labels
+        (one_of, dict(decoder_input_ids=y)),  # nothing to encode
+        (one_of, dict(input_ids=x, inputs_embeds=model.shared(x), decoder_input_ids=y)),  # both
+        (r"attention_mask must have shape \(3, 23\) \(batch, positions\), got \(3, 5\)",
+         dict(input_ids=x, attention_mask=batch["attention_mask"][:, :5], decoder_input_ids=y)),
+        (r"decoder_attention_mask \(cached \+ new\) must have shape \(3, 19\) \(batch, positions\), got \(3, 4\)",
+         dict(input_ids=x, decoder_input_ids=y, decoder_attention_mask=torch.ones(3, 4, dtype=torch.long))),
+        (rf"encoder_outputs must be a \(batch, enc_pos, {D}\) tensor",
+         dict(encoder_outputs=torch.zeros(3, 5, D + 1), decoder_input_ids=y)),
+        ("encoder batch 2 != decoder batch 3", dict(encoder_outputs=torch.zeros(2, 5, D), decoder_input_ids=y)),
+        (outside, dict(input_ids=x, labels=torch.full_like(y, V))),
+        (r"labels \(3, 4\) and decoder_input_ids \(3, 19\) must have the same shape",
+         dict(input_ids=x, decoder_input_ids=y, labels=y[:, :4])),
     ]
-    for kw in bad:
-        with pytest.raises(ValueError):
+    for message, kw in bad:
+        with pytest.raises(ValueError, match=message):
             model(**kw)
 
 
@@ -287,7 +293,7 @@ def test_config_translation_and_aliases():
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers) == (99, 40, 3, 6)
     assert (cfg.num_decoder_layers, cfg.relative_attention_num_buckets, cfg.d_head) == (2, 8, 12)
     assert cfg.relative_attention_max_distance == 16 and cfg.layer_norm_epsilon == 1e-6
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="T5Config has no attribute 'no_such_option'"):
         cfg.no_such_option  # noqa: B018
 
 

@@ -65,6 +65,8 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
         raise ValueError(f"subject positions {subject} must be non-empty and within the prompt's {n_pos} tokens")
     if not 0 <= target < model.cfg.d_vocab:
         raise ValueError(f"target token {target} is outside the vocabulary [0, {model.cfg.d_vocab})")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int (noise draws per cell), got {n_samples!r}")
     window = window or (1 if kind == "resid_post" else 10)
     scale = embedding_noise_scale(model) if noise_scale is None else noise_scale
     gen = torch.Generator().manual_seed(seed)

@@ -25,11 +25,16 @@ class PositionMetric:
 
     def __init__(self, name: str, fn: Callable[[Tensor, Tensor], Tensor], pos: int | Tensor,
                  tokens: Callable[[Tensor], Tensor] | None = None) -> None:
+        if isinstance(pos, Tensor) and (pos.dim() != 1 or pos.dtype.is_floating_point or bool((pos < 0).any())):
+            raise ValueError(f"per-example positions must be a 1-d tensor of absolute positions >= 0 (an int pos "
+                             f"may be negative, counted from the end), got {pos.tolist()}")
         self.__name__, self.fn, self.pos, self.tokens = name, fn, pos, tokens
 
     def positions(self, ex: Int[Tensor, " rows"], n_pos: int) -> Int[Tensor, " rows"]:
         """The absolute position each row is read at."""
         if isinstance(self.pos, Tensor):
+            if int(self.pos.max()) >= n_pos:
+                raise ValueError(f"per-example position {int(self.pos.max())} is out of range for {n_pos} positions")
             return self.pos.to(ex.device)[ex]
         return torch.full_like(ex, self.pos % n_pos)
 

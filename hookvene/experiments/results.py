@@ -1,5 +1,6 @@
 """SweepResult: a labelled grid of metric values, with baselines, that saves, loads and plots itself."""
 
+import io
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,12 +40,20 @@ class SweepResult:
         return [(self.rows[i // n_cols], self.cols[i % n_cols], float(self.values.flatten()[i])) for i in idx]
 
     def save(self, path: str) -> None:
+        """Write the result for `load`, which reads with `torch.load(weights_only=True)` (no pickled objects): tensors,
+        numbers, strings, lists and dicts of them. Anything else in `extra` is refused here, before writing."""
         state = asdict(self)
         state["values"] = self.values.detach().cpu()
+        for key, value in [(f"extra[{k!r}]", v) for k, v in state["extra"].items()] + [("the result", state)]:
+            if not _loadable(value):
+                raise ValueError(f"SweepResult.save: {key} ({type(value).__name__}) could not be read back by "
+                                 f"SweepResult.load, which loads no pickled objects; store tensors, numbers, "
+                                 f"strings, lists or dicts (e.g. torch.as_tensor(array) for a numpy array)")
         torch.save(state, path)
 
     @classmethod
     def load(cls, path: str) -> "SweepResult":
+        """Read a result written by `save` (weights_only: a file cannot run code)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         return cls(**state)
 
@@ -57,3 +66,15 @@ class SweepResult:
         lines = [f"{self.kind} ({self.metric}); clean {self.clean:.3f}, corrupted {self.corrupted:.3f}"]
         lines += [f"  {self.row_label} {r:>6}  {self.col_label} {c:>10}  {v:+.3f}" for r, c, v in self.top(k)]
         return "\n".join(lines)
+
+
+def _loadable(value: Any) -> bool:
+    """Whether `torch.load(weights_only=True)` reads `value` back."""
+    buf = io.BytesIO()
+    try:
+        torch.save(value, buf)  # a lambda does not even pickle
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    except Exception:  # the pickler and unpickler refuse objects with various error types
+        return False
+    return True

@@ -259,25 +259,34 @@ def _chunks(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], 
     plan = []
     for offset in sorted({c.offset for c in cells}):
         ids = [i for i, c in enumerate(cells) if c.offset == offset]
-        shifted = [[_shift(p, offset) for p in cells[i].patches] for i in ids]
         cut = {}
         for p in (p for c in ids for p in cells[c].patches):
             key = p.store or p.hook
             if key not in cut:
                 cut[key] = stored[key].narrow(p.pos_dim + 1, offset, stored[key].shape[p.pos_dim + 1] - offset)
         starts = {i: start_layer([p.hook for p in cells[i].patches] + list(record_hooks or ())) for i in ids}
+        # A patch of the stream entering the cell's first block is written into the resumed state itself, not by a
+        # hook: a hook inside the last block would stop it from running at the last position only.
+        entry, inside = {}, {}
+        for i in ids:
+            shifted = [_shift(p, offset) for p in cells[i].patches]
+            entry[i] = [p for p in shifted if p.hook == f"blocks.{starts[i]}.hook_resid_pre"]
+            inside[i] = [p for p in shifted if p.hook != f"blocks.{starts[i]}.hook_resid_pre"]
         order = sorted(ids, key=starts.__getitem__)
-        plan += [(offset, order[i:i + per], dict(zip(ids, shifted)), cut, starts) for i in range(0, len(order), per)]
+        plan += [(offset, order[i:i + per], entry, inside, cut, starts) for i in range(0, len(order), per)]
     bar = tqdm(plan, desc=progress if isinstance(progress, str) else "sweep", disable=not progress, unit="chunk")
-    for offset, chunk, shifted, cut, starts in bar:
-        def hooks(ex: Tensor, cell: Tensor, shifted: dict = shifted, cut: dict = cut) -> list[Attachment]:
-            rows = patch_rows(shifted, cell, ex, cut)
+    for offset, chunk, entry, inside, cut, starts in bar:
+        def hooks(ex: Tensor, cell: Tensor, inside: dict = inside, cut: dict = cut) -> list[Attachment]:
+            rows = patch_rows(inside, cell, ex, cut)
             return rows + [Attachment(h, make(ex, cell)) for h, make in (record_hooks or {}).items()]
         entries = []
         for s in sorted({starts[c] for c in chunk}):
             members = torch.tensor([c for c in chunk if starts[c] == s], device=device)
-            ex = examples.repeat(len(members))
-            entries.append(Entry(s, resume.states[s][ex, offset:], ex, members.repeat_interleave(n_ex)))
+            ex, cell = examples.repeat(len(members)), members.repeat_interleave(n_ex)
+            state = resume.states[s][ex, offset:]
+            for write in patch_rows(entry, cell, ex, cut):
+                state = write.fn(state, None)
+            entries.append(Entry(s, state, ex, cell))
         x, ex, cell = staggered_forward(model, entries, hooks, resume.prefix(offset), resume.attention_mask,
                                         last_position_only, stop_at_layer)
         yield Chunk(chunk, x, ex, cell, offset)

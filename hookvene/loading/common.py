@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hookvene.models.common import ROPE_TYPES
+
 
 @contextmanager
 def empty_model() -> Iterator[None]:
@@ -115,6 +117,36 @@ def check_config(hf_config: dict[str, Any], required: dict[str, Callable[[Any], 
         raise ValueError(f"hookvene's {arch} does not implement these config options: {', '.join(bad)}")
 
 
+def rope_from_hf(hf_config: dict[str, Any], arch: str, theta: float = 10000.0,
+                 partial: float = 1.0) -> dict[str, Any]:
+    """Rotary-embedding settings of an HF config, in either spelling: the hub's (`rope_scaling` {"type" or
+    "rope_type", "factor", llama3 fields}, `rope_theta`; GPT-NeoX's `rotary_pct`, `rotary_emb_base`) or
+    transformers 5's `rope_parameters` (`rope_type`, `rope_theta`, `partial_rotary_factor`, the same fields).
+
+    Returns {"rope_type", "rope_theta", "partial_rotary_factor", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}; raises ValueError naming a rope type hookvene does not compute."""
+    params = {**(hf_config.get("rope_scaling") or {}), **(hf_config.get("rope_parameters") or {})}
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"hookvene's {arch} does not implement per-layer-type rope parameters: "
+                         f"rope_parameters={params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"hookvene's {arch} does not implement rope type {rope_type!r} (rope_scaling / "
+                         f"rope_parameters); implemented: {', '.join(ROPE_TYPES)}")
+    return {
+        "rope_type": rope_type,
+        "rope_theta": params.get("rope_theta", hf_config.get("rope_theta", hf_config.get("rotary_emb_base", theta))),
+        "partial_rotary_factor": params.get(
+            "partial_rotary_factor", hf_config.get("partial_rotary_factor", hf_config.get("rotary_pct", partial))),
+        "factor": params.get("factor", 1.0),
+        "low_freq_factor": params.get("low_freq_factor", 1.0),
+        "high_freq_factor": params.get("high_freq_factor", 4.0),
+        "original_max_position_embeddings": params.get("original_max_position_embeddings",
+                                                       hf_config.get("original_max_position_embeddings",
+                                                                     hf_config.get("max_position_embeddings", 8192))),
+    }
+
+
 def load_into(model: nn.Module, state: dict[str, Tensor], dtype: torch.dtype | None = None) -> nn.Module:
     """Put converted tensors into a model built on the meta device, sharing them (no copy) where possible."""
     if dtype is not None:
@@ -133,12 +165,23 @@ def load_into(model: nn.Module, state: dict[str, Tensor], dtype: torch.dtype | N
         return made[id(v)]
 
     state = {k: as_param(v) if k in params else v for k, v in state.items()}
+    # assign=True copies the new module's requires_grad onto the assigned Parameters; they may be the user's own
+    # (a frozen transformers model shares them), so put every given Parameter's flag back
+    flags = {id(v): v.requires_grad for v in state.values() if isinstance(v, nn.Parameter)}
     model.load_state_dict(state, strict=True, assign=True)
+    for p in model.parameters():
+        if id(p) in flags:
+            p.requires_grad_(flags[id(p)])
     return model
 
 
-def read_checkpoint_dir(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(config.json as a dict, state dict) of a local HF checkpoint directory (safetensors or .bin, sharded or not)."""
+PICKLE_OPT_IN = ("pass allow_pickle=True to load it (only if you trust its source; it is then read with "
+                 "torch.load(weights_only=True)), or convert it to model.safetensors")
+
+
+def read_checkpoint_dir(path: str, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config.json as a dict, state dict) of a local HF checkpoint directory: model.safetensors (sharded or not);
+    a pickle checkpoint (pytorch_model.bin) only with `allow_pickle=True`."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path!r} has no config.json, so it is not a HuggingFace checkpoint directory")
@@ -148,6 +191,10 @@ def read_checkpoint_dir(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
     files = _weight_files(path)
+    pickles = [f for f in files if not f.endswith(".safetensors")]
+    if pickles and not allow_pickle:
+        raise CheckpointError(f"{path!r} holds only pickle weights ({os.path.basename(pickles[0])}), which can run "
+                              f"code when read; hookvene reads safetensors by default: {PICKLE_OPT_IN}")
     state: dict[str, Tensor] = {}
     for file in files:
         try:

@@ -27,19 +27,25 @@ from hookvene.models.common import (
     HFAliases,
     HookedModel,
     KVCache,
+    LayerNorm,
     ModelOutput,
     alias,
     attend,
+    attention_input,
     causal_mask,
     check_length,
     check_tokens,
+    identity_alias,
     layer_slice,
     lm_loss,
     merge_heads,
+    project_heads,
+    runtime_flags,
     split_heads,
 )
 
 
+@runtime_flags
 @dataclass(frozen=True, kw_only=True)
 class GPT2Config(HFAliases):
     d_vocab: int = 50257
@@ -72,17 +78,6 @@ class GPT2Config(HFAliases):
         return self.d_model // self.n_heads
 
 
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm whose output (after the affine map) is a hook point."""
-
-    def __init__(self, d_model: int, eps: float) -> None:
-        super().__init__(d_model, eps=eps)
-        self.hook_normalized = HookPoint()
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.hook_normalized(super().forward(x))
-
-
 class Attention(nn.Module):
     """Causal multi-head self-attention; q, k, v come from one fused projection (HF: attn.c_attn)."""
 
@@ -93,20 +88,43 @@ class Attention(nn.Module):
         self.out = Conv1D(cfg.d_model, cfg.d_model)  # HF: attn.c_proj
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+        self.hook_result = HookPoint()  # fires with use_attn_result only
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], mask: Tensor | None,
+    use_attn_result = False  # HookedModel.set_use_attn_result
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"] | tuple[Tensor, Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None) -> Float[Tensor, "batch pos d_model"]:
-        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)
-        q = self.hook_q(split_heads(q, self.n_heads))  # batch pos head d_head
-        k = self.hook_k(split_heads(k, self.n_heads))
-        v = self.hook_v(split_heads(v, self.n_heads))
+        if isinstance(x, tuple):  # split inputs (attention_input): each head projects its own copy
+            q, k, v = (project_heads(xi, W, b) for xi, W, b in
+                       zip(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V)))
+        else:
+            q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).split(x.shape[-1], dim=-1))
+        q = self.hook_q(q)  # batch pos head d_head
+        k = self.hook_k(k)
+        v = self.hook_v(v)
         if cache is not None:  # generation: attend to the cached prefix too; hooks saw only the new positions
             k, v = cache.update(self.layer, k, v)
         # z = softmax(q k^T / sqrt(d_head) + mask) v, per head
         z = attend(q, k, v, mask, causal=True, scale=self.scale,
                    hook_scores=self.hook_attn_scores, hook_pattern=self.hook_pattern)
         z = self.hook_z(z)  # batch pos head d_head: each head's mix of values, before the output projection
+        if self.use_attn_result:  # each head's output in d_model, then their sum: head x the memory
+            return self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O)).sum(2) + self.b_O
         return self.out(merge_heads(z))
+
+    # TransformerLens's weight layout, as views of the fused parameters: an edit through them reaches the model.
+    def _qkv_part(self, i: int) -> Float[Tensor, "head d_model d_head"]:
+        d = self.out.weight.shape[0]
+        return self.qkv.weight[:, i * d:(i + 1) * d].view(d, self.n_heads, -1).transpose(0, 1)
+
+    W_Q = property(lambda self: self._qkv_part(0))
+    W_K = property(lambda self: self._qkv_part(1))
+    W_V = property(lambda self: self._qkv_part(2))
+    b_Q = property(lambda self: self.qkv.bias.view(3, self.n_heads, -1)[0])  # head d_head
+    b_K = property(lambda self: self.qkv.bias.view(3, self.n_heads, -1)[1])
+    b_V = property(lambda self: self.qkv.bias.view(3, self.n_heads, -1)[2])
+    W_O = property(lambda self: self.out.weight.view(self.n_heads, -1, self.out.weight.shape[1]))  # head d_head d_model
+    b_O = property(lambda self: self.out.bias)
 
 
 class MLP(nn.Module):
@@ -122,6 +140,10 @@ class MLP(nn.Module):
         post = self.hook_post(self.act(pre))
         return self.proj(post)
 
+    # TransformerLens's names: Conv1D weights are already (in, out), so these are the parameters themselves
+    W_in, b_in = property(lambda self: self.fc.weight), property(lambda self: self.fc.bias)
+    W_out, b_out = property(lambda self: self.proj.weight), property(lambda self: self.proj.bias)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int) -> None:
@@ -132,13 +154,20 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
+        # TransformerLens's opt-in hooks (HookedModel.set_use_split_qkv_input / set_use_attn_in /
+        # set_use_hook_mlp_in); they fire only when their flag is on
+        self.hook_q_input, self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_in, self.hook_mlp_in = HookPoint(), HookPoint()
+
+    use_split_qkv_input = use_attn_in = use_hook_mlp_in = False
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], mask: Tensor | None,
                 cache: KVCache | None) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, cache))
+        attn_out = self.hook_attn_out(self.attn(attention_input(self, resid_pre), mask, cache))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.use_hook_mlp_in else resid_mid
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid_mid + mlp_out)
 
 
@@ -219,7 +248,8 @@ class GPT2LM(GPT2):
         x = self.ln_final(resid)
         if tokens is None:
             return self.unembed(x)
-        return torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
+        logits = torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
+        return logits if self.unembed.bias is None else logits + self.unembed.bias[tokens]  # bias: fold_ln made one
 
 
 # -- HuggingFace attribute names ----------------------------------------------------------------------------------
@@ -229,3 +259,14 @@ GPT2.config, GPT2.wte, GPT2.wpe = alias("cfg"), alias("embed"), alias("pos_embed
 GPT2.h, GPT2.ln_f = alias("blocks"), alias("ln_final")
 GPT2.transformer = property(lambda self: self, doc="HuggingFace's `model.transformer`: the model itself.")
 GPT2LM.lm_head = alias("unembed")
+# Inside the blocks (pyvene's test oracles rebuild the forward from these): `h[i].ln_1`, `h[i].attn.c_attn`, ...
+Block.ln_1, Block.ln_2 = alias("ln1"), alias("ln2")
+Attention.c_attn, Attention.c_proj = alias("qkv"), alias("out")
+Attention.num_heads = alias("n_heads")
+Attention.split_size = property(lambda self: self.out.weight.shape[0], doc="HuggingFace's split_size: d_model.")
+Attention.head_dim = property(lambda self: self.out.weight.shape[0] // self.n_heads, doc="d_head.")
+Attention.attn_dropout, Attention.resid_dropout = identity_alias("attn_dropout"), identity_alias("resid_dropout")
+MLP.c_fc, MLP.c_proj, MLP.dropout = alias("fc"), alias("proj"), identity_alias("dropout")
+# `outputs.hidden_states` / `outputs.attentions` (see HookedModel.__call__)
+GPT2.hidden_state_hooks, GPT2.attention_hook = ("blocks.{i}.hook_resid_pre", "ln_final.hook_normalized"), \
+    "blocks.{i}.attn.hook_pattern"

@@ -26,19 +26,25 @@ from hookvene.models.common import (
     HFAliases,
     HookedModel,
     KVCache,
+    LayerNorm,
     ModelOutput,
     alias,
     attend,
-    causal_mask,
+    attention_input,
     check_length,
     check_tokens,
+    identity_alias,
     layer_slice,
     lm_loss,
     merge_heads,
+    project_heads,
+    runtime_flags,
+    sliding_causal_mask,
     split_heads,
 )
 
 
+@runtime_flags
 @dataclass(frozen=True, kw_only=True)
 class GPTNeoConfig(HFAliases):
     """Defaults are EleutherAI/gpt-neo-125M. `attention_types`: "global" or "local", one per layer."""
@@ -84,31 +90,6 @@ class GPTNeoConfig(HFAliases):
         return tuple(self.window_size if t == "local" else self.n_ctx for t in self.attention_types)
 
 
-def sliding_causal_mask(attention_mask: Int[Tensor, "batch k_pos"] | None, q_len: int, k_len: int,
-                        window: int, dtype: torch.dtype,
-                        device: torch.device) -> Float[Tensor, "batch 1 q_pos k_pos"] | None:
-    """`causal_mask` that also hides keys `window` or more positions behind the query: query i sees keys j
-    with i - window < j <= i (`transformers` bands its causal buffer the same way). Positions are indices into
-    the key sequence, cached prefix included, so the window holds with a KV cache."""
-    if window >= k_len:  # the band covers every key: plain causal attention (the fused kernel when possible)
-        return causal_mask(attention_mask, q_len, k_len, dtype, device)
-    mask = causal_mask(attention_mask, q_len, k_len, dtype, device, fused_ok=False)
-    q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    too_far = torch.arange(k_len, device=device)[None, :] <= q_idx - window  # q_pos k_pos
-    return mask.masked_fill(too_far, torch.finfo(dtype).min)
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm whose output (after the affine map) is a hook point."""
-
-    def __init__(self, d_model: int, eps: float) -> None:
-        super().__init__(d_model, eps=eps)
-        self.hook_normalized = HookPoint()
-
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.hook_normalized(super().forward(x))
-
-
 class Attention(nn.Module):
     """Causal multi-head self-attention, unscaled; global or local only through the mask it is given."""
 
@@ -121,12 +102,20 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.d_model)  # HF: attn.attention.out_proj
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+        self.hook_result = HookPoint()  # fires with use_attn_result only
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], mask: Tensor | None,
+    use_attn_result = False  # HookedModel.set_use_attn_result
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"] | tuple[Tensor, Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None) -> Float[Tensor, "batch pos d_model"]:
-        q = self.hook_q(split_heads(self.q(x), self.n_heads))  # batch pos head d_head
-        k = self.hook_k(split_heads(self.k(x), self.n_heads))
-        v = self.hook_v(split_heads(self.v(x), self.n_heads))
+        if isinstance(x, tuple):  # split inputs (attention_input): each head projects its own copy
+            q, k, v = (project_heads(xi, W, b) for xi, W, b in
+                       zip(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V)))
+        else:
+            q, k, v = (split_heads(lin(x), self.n_heads) for lin in (self.q, self.k, self.v))
+        q = self.hook_q(q)  # batch pos head d_head
+        k = self.hook_k(k)
+        v = self.hook_v(v)
         if cache is not None:  # generation: attend to the cached prefix too; hooks saw only the new positions
             k, v = cache.update(self.layer, k, v)
         # z = softmax(q k^T + mask) v, per head, the mask also hiding keys outside this layer's window.
@@ -135,7 +124,28 @@ class Attention(nn.Module):
         z = attend(q.float(), k.float(), v.float(), mask, causal=True, scale=1.0,
                    hook_scores=self.hook_attn_scores, hook_pattern=self.hook_pattern)
         z = self.hook_z(z.to(v.dtype))  # batch pos head d_head: each head's mix of values, before `out`
+        if self.use_attn_result:  # each head's output in d_model, then their sum: head x the memory
+            return self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O)).sum(2) + self.b_O
         return self.out(merge_heads(z))
+
+    # TransformerLens's weight layout, as views of the (out, in) Linear weights: an edit through them reaches the
+    # model. The checkpoint has no q/k/v biases: b_Q, b_K, b_V are zeros until weight processing creates them.
+    def _heads_in(self, lin: nn.Linear) -> Float[Tensor, "head d_model d_head"]:
+        return lin.weight.view(self.n_heads, -1, lin.weight.shape[1]).transpose(1, 2)
+
+    def _head_bias(self, lin: nn.Linear) -> Float[Tensor, "head d_head"]:
+        return (lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])).view(self.n_heads, -1)
+
+    W_Q, W_K, W_V = (property(lambda self, n=n: self._heads_in(getattr(self, n))) for n in "qkv")
+    b_Q, b_K, b_V = (property(lambda self, n=n: self._head_bias(getattr(self, n))) for n in "qkv")
+    W_O = property(lambda self: self.out.weight.T.view(self.n_heads, -1, self.out.weight.shape[0]))
+    b_O = property(lambda self: self.out.bias)
+
+    def add_missing_biases(self) -> None:
+        """Give q, k, v zero biases, so that weight processing (fold_ln) can write into b_Q, b_K, b_V."""
+        for lin in (self.q, self.k, self.v):
+            if lin.bias is None:
+                lin.bias = nn.Parameter(lin.weight.new_zeros(lin.weight.shape[0]))
 
 
 class MLP(nn.Module):
@@ -151,6 +161,10 @@ class MLP(nn.Module):
         post = self.hook_post(self.act(pre))
         return self.proj(post)
 
+    # TransformerLens's names: views of the (out, in) Linear weights, transposed to (in, out)
+    W_in, b_in = property(lambda self: self.fc.weight.T), property(lambda self: self.fc.bias)
+    W_out, b_out = property(lambda self: self.proj.weight.T), property(lambda self: self.proj.bias)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTNeoConfig, layer: int) -> None:
@@ -161,13 +175,20 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
+        # TransformerLens's opt-in hooks (HookedModel.set_use_split_qkv_input / set_use_attn_in /
+        # set_use_hook_mlp_in); they fire only when their flag is on
+        self.hook_q_input, self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_in, self.hook_mlp_in = HookPoint(), HookPoint()
+
+    use_split_qkv_input = use_attn_in = use_hook_mlp_in = False
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"], mask: Tensor | None,
                 cache: KVCache | None) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, cache))
+        attn_out = self.hook_attn_out(self.attn(attention_input(self, resid_pre), mask, cache))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        mlp_in = self.hook_mlp_in(resid_mid.clone()) if self.use_hook_mlp_in else resid_mid
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         return self.hook_resid_post(resid_mid + mlp_out)
 
 
@@ -249,7 +270,8 @@ class GPTNeoLM(GPTNeo):
         x = self.ln_final(resid)
         if tokens is None:
             return self.unembed(x)
-        return torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
+        logits = torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
+        return logits if self.unembed.bias is None else logits + self.unembed.bias[tokens]  # bias: fold_ln made one
 
 
 # -- HuggingFace attribute names ----------------------------------------------------------------------------------
@@ -259,3 +281,15 @@ GPTNeo.config, GPTNeo.wte, GPTNeo.wpe = alias("cfg"), alias("embed"), alias("pos
 GPTNeo.h, GPTNeo.ln_f = alias("blocks"), alias("ln_final")
 GPTNeo.transformer = property(lambda self: self, doc="HuggingFace's `model.transformer`: the model itself.")
 GPTNeoLM.lm_head = alias("unembed")
+# Inside the blocks: `h[i].ln_1`, `h[i].attn.attention.q_proj`, `h[i].mlp.c_fc`, ...
+Block.ln_1, Block.ln_2 = alias("ln1"), alias("ln2")
+Attention.attention = property(lambda self: self, doc="HuggingFace's `attn.attention`: the attention itself.")
+Attention.q_proj, Attention.k_proj, Attention.v_proj, Attention.out_proj = alias("q"), alias("k"), alias("v"), \
+    alias("out")
+Attention.num_heads = alias("n_heads")
+Attention.head_dim = property(lambda self: self.out.weight.shape[0] // self.n_heads, doc="d_head.")
+Attention.attn_dropout, Attention.resid_dropout = identity_alias("attn_dropout"), identity_alias("resid_dropout")
+MLP.c_fc, MLP.c_proj, MLP.dropout = alias("fc"), alias("proj"), identity_alias("dropout")
+# `outputs.hidden_states` / `outputs.attentions` (see HookedModel.__call__)
+GPTNeo.hidden_state_hooks, GPTNeo.attention_hook = ("blocks.{i}.hook_resid_pre", "ln_final.hook_normalized"), \
+    "blocks.{i}.attn.hook_pattern"

@@ -21,24 +21,25 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int, Num
 from torch import Tensor, nn
 
 from hookvene.hooks import HookPoint
-from hookvene.models.common import HFAliases, HookedModel, ModelOutput, alias, check_tokens, lm_loss
-
-LOSSES = {  # problem_type -> loss(logits, labels), as transformers' sequence classifiers compute it
-    "single_label_classification": lambda logits, labels: F.cross_entropy(logits, labels.view(-1)),
-    "multi_label_classification": lambda logits, labels: F.binary_cross_entropy_with_logits(
-        logits, labels.to(logits.dtype)),
-    "regression": lambda logits, labels: F.mse_loss(logits, labels.to(logits.dtype).view_as(logits)),
-}
-
+from hookvene.models.common import (
+    LOSSES,
+    HFAliases,
+    HookedModel,
+    ModelOutput,
+    alias,
+    check_tokens,
+    lm_loss,
+    runtime_flags,
+)
 
 PYVENE_NAMES = {"n_layers": "n_layer", "d_model": "h_dim"}
 
 
+@runtime_flags
 @dataclass(init=False)
 class GRUConfig(HFAliases):
     """The GRU's sizes. Canonical names follow the other models (`n_layers`, `d_model` = the hidden width);

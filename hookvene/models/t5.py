@@ -40,10 +40,12 @@ from hookvene.models.common import (
     check_tokens,
     merge_heads,
     padding_to_additive,
+    runtime_flags,
     split_heads,
 )
 
 
+@runtime_flags
 @dataclass(frozen=True, kw_only=True)
 class T5Config(HFAliases):
     d_vocab: int = 32128
@@ -203,6 +205,17 @@ class GatedMLP(nn.Module):
         return self.wo(self.hook_post(self.act(pre) * pre_linear))
 
 
+def clamp_fp16(x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    """In float16, `transformers`' T5 clamps the residual stream after every sublayer to the largest finite value
+    (minus 1000 where something overflowed): T5's activations overflow fp16, and an inf turns into NaN at the next
+    norm. We do the same, at the same places, so fp16 logits match it; other dtypes pass through."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(x.dtype).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
 class EncoderBlock(nn.Module):
     """x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
@@ -220,9 +233,9 @@ class EncoderBlock(nn.Module):
         resid_pre = self.hook_resid_pre(resid_pre)
         x = self.ln1(resid_pre)
         attn_out = self.hook_attn_out(self.attn(x, x, mask))
-        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        resid_mid = self.hook_resid_mid(clamp_fp16(resid_pre + attn_out))
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
-        return self.hook_resid_post(resid_mid + mlp_out)
+        return self.hook_resid_post(clamp_fp16(resid_mid + mlp_out))
 
 
 class DecoderBlock(nn.Module):
@@ -252,13 +265,13 @@ class DecoderBlock(nn.Module):
         resid_pre = self.hook_resid_pre(resid_pre)
         x = self.ln1(resid_pre)
         attn_out = self.hook_attn_out(self.attn(x, x, mask, cache))
-        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        resid_mid = self.hook_resid_mid(clamp_fp16(resid_pre + attn_out))
         # cross-attention k, v are recomputed from the encoder output at every call (not cached), so its hooks
         # always see all encoder positions
         cross_out = self.hook_cross_attn_out(self.cross_attn(self.ln2(resid_mid), enc, enc_mask))
-        resid_mid_cross = self.hook_resid_mid_cross(resid_mid + cross_out)
+        resid_mid_cross = self.hook_resid_mid_cross(clamp_fp16(resid_mid + cross_out))
         mlp_out = self.hook_mlp_out(self.mlp(self.ln3(resid_mid_cross)))
-        return self.hook_resid_post(resid_mid_cross + mlp_out)
+        return self.hook_resid_post(clamp_fp16(resid_mid_cross + mlp_out))
 
 
 class Encoder(nn.Module):

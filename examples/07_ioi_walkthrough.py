@@ -1,0 +1,71 @@
+"""Tutorial 7: TransformerLens's IOI walkthrough (the "Exploratory Analysis Demo"), with TL's own calls.
+
+Logit difference, logit lens, direct logit attribution per layer and per head, the attention of the top heads, and
+activation patching of the residual stream, on the bundled model: the TL demo's steps in fewer lines. The model is
+loaded with TL's weight processing, so attributions through the final LayerNorm sum to the logit difference.
+
+    python examples/07_ioi_walkthrough.py [--out out/]
+"""
+
+import argparse
+import os
+
+import torch
+
+import hookvene as pv
+from hookvene import viz
+from hookvene.experiments import activation_patch, metrics
+
+parser = argparse.ArgumentParser(description="TransformerLens's IOI walkthrough")
+out_dir = parser.add_argument("--out", default="out") and parser.parse_args().out
+os.makedirs(out_dir, exist_ok=True)
+torch.set_grad_enabled(False)
+
+model = pv.from_pretrained("ioi-gpt2", fold_ln=True, center_writing_weights=True, center_unembed=True,
+                           fold_value_biases=True)
+model.set_use_attn_result(True)  # cache each head's output (hook_result)
+names = [("Mary", "John"), ("John", "Mary"), ("Thomas", "James"), ("James", "Thomas"), ("Sarah", "Daniel"),
+         ("Daniel", "Sarah"), ("Martin", "Amy"), ("Amy", "Martin")]  # (indirect object = answer, subject)
+prompts = [f"When {io} and {s} went to the store, {s} gave a drink to" for io, s in names]
+answer_ids = torch.tensor([[model.to_single_token(" " + n) for n in pair] for pair in names])
+directions = model.tokens_to_residual_directions(answer_ids)  # (prompt, 2, d_model)
+direction = directions[:, 0] - directions[:, 1]
+logits, cache = model.run_with_cache(prompts, return_type="logits")
+answer_logits = logits[:, -1].gather(1, answer_ids)
+logit_diff = (answer_logits[:, 0] - answer_logits[:, 1]).mean()
+print(f"Average logit difference: {logit_diff:.3f}")
+
+
+def attribution(stack: torch.Tensor) -> torch.Tensor:  # (components, batch, d_model) -> mean logit diff written
+    return (cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1) * direction).sum(-1).mean(-1)
+
+
+resid, labels = cache.accumulated_resid(layer=-1, incl_mid=True, pos_slice=-1, return_labels=True)
+lens = attribution(resid)
+assert abs(lens[-1] - logit_diff) < 1e-3  # processed weights: the final residual accounts for all of it
+print("Logit lens (final = the logit difference):", " ".join(f"{lbl}={v:.2f}" for lbl, v in zip(labels, lens)))
+parts, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)
+print("Per-component attribution:", " ".join(f"{lbl}={v:.2f}" for lbl, v in zip(labels, attribution(parts))))
+assert abs(attribution(parts).sum() - logit_diff) < 1e-3  # the components add up (output biases centred away)
+
+per_head = attribution(cache.stack_head_results(layer=-1, pos_slice=-1)).view(model.cfg.n_layers, -1)
+viz.heatmap(per_head, [str(i) for i in range(len(per_head))], [str(h) for h in range(per_head.shape[1])],
+            row_label="layer", col_label="head", title="Direct logit attribution per head",
+            path=os.path.join(out_dir, "ioi_head_attribution.png"))
+top_heads = [divmod(int(i), per_head.shape[1]) for i in per_head.flatten().topk(3).indices]
+print("Top heads by direct logit attribution:", ", ".join(f"L{la}H{h}={per_head[la, h]:.2f}" for la, h in top_heads))
+io_pos, s_pos = model.get_token_position(" Mary", prompts[0]), model.get_token_position(" John", prompts[0])
+for layer, head in top_heads:
+    att = cache["pattern", layer][:, head, -1]  # from the final position
+    print(f"L{layer}H{head} attends from the end to IO {att[:, io_pos].mean():.2f}, S {att[:, s_pos].mean():.2f}")
+viz.attention_html(model.to_str_tokens(prompts[0]), torch.stack([cache["pattern", la][0, h] for la, h in top_heads]),
+                   os.path.join(out_dir, "ioi_top_heads.html"), [f"L{la}H{h}" for la, h in top_heads])
+
+corrupted = [prompts[i ^ 1] for i in range(len(prompts))]  # names in the other order: the answers swap
+patched = activation_patch(model, model.to_tokens(prompts), model.to_tokens(corrupted),
+                           metrics.logit_diff(answer_ids[:, 0], answer_ids[:, 1]), kind="resid_pre")
+viz.heatmap(patched.values, patched.rows, model.to_str_tokens(prompts[0]), row_label="layer", col_label="position",
+            title="Patching resid_pre (corrupted -> clean)", path=os.path.join(out_dir, "ioi_patching.png"))
+layer, pos = divmod(int(patched.values.argmax()), patched.values.shape[1])
+print(f"Patching resid_pre restores most at layer {layer}, position {pos} ({model.to_str_tokens(prompts[0])[pos]}) "
+      f"({patched.values.max():.2f} of clean {patched.clean:.2f})")

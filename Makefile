@@ -28,10 +28,13 @@ test-shapes: install   # the core tests with every jaxtyping shape annotation ch
 lint: install
 	$(VENV)/bin/ruff check hookvene tests examples benchmarks scripts
 
+mutants: install   # mutation testing of the core modules (mutmut, one copy of the tree per group under /tmp; long, not in CI) -> mutation/REPORT.md
+	$(PY) mutation/run_mutants.py $(GROUPS)   # e.g. make mutants GROUPS="loading interventions"
+
 bench: install
 	$(PY) benchmarks/bench_forward.py
 	$(PY) benchmarks/bench_interventions.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_experiments.py
 
-.PHONY: install ioi test test-fast test-shapes lint bench
+.PHONY: install ioi test test-fast test-shapes lint bench mutants

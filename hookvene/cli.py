@@ -1,9 +1,13 @@
 """The `hookvene` command.
 
     hookvene ioi   [--model ioi-gpt2] [--out out/]        IOI circuit analysis (the README's main job)
+    hookvene induction [--model induction-gpt2] [--contrast ioi-gpt2]   induction heads, found and explained
     hookvene trace --prompt ... --subject ... --target ...  causal tracing heatmap
     hookvene patch --clean ... --corrupted ... --answer ... --wrong ...   activation patching heatmap
     hookvene info  MODEL                                   components, hooks and sizes
+
+Under `torchrun --nproc_per_node N -m hookvene ...` the sweeps of `ioi`, `trace` and `patch` split their cells
+across the N processes (see `hookvene.distributed`); rank 0 prints and writes the figures.
 
 `--model` takes a bundled model name (`hookvene.zoo_models()`), a local HF checkpoint directory, or a hub name
 (`gpt2`, needs the network). Every command prints a short table and writes its figure under `--out`.
@@ -18,8 +22,10 @@ from typing import Any
 import torch
 
 from hookvene.components import table_for
+from hookvene.distributed import init_from_env, is_main
 from hookvene.experiments.causal_tracing import KINDS as TRACE_KINDS
 from hookvene.experiments.causal_tracing import causal_trace
+from hookvene.experiments.induction import induction_analysis
 from hookvene.experiments.ioi_analysis import ioi_analysis
 from hookvene.experiments.metrics import logit_diff
 from hookvene.experiments.patching import KINDS, activation_patch
@@ -60,8 +66,28 @@ def cmd_ioi(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model, tokenizer = _load(args.model)
     torch.manual_seed(args.seed)
-    report = ioi_analysis(model, tokenizer, n=args.n, seed=args.seed, out_dir=args.out, top_k=args.top_k)
+    report = ioi_analysis(model, tokenizer, n=args.n, seed=args.seed, out_dir=args.out if is_main() else None,
+                          top_k=args.top_k)
+    if not is_main():  # every rank holds the whole result; one prints it
+        return
     print(report.summary())
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_induction(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    for name in [args.model] + ([args.contrast] if args.contrast else []):
+        # TransformerLens's weight processing: the QK / OV views then include the LayerNorm scales (the other
+        # numbers do not change: the processed model computes the same next-token distributions).
+        model = from_pretrained(resolve_path(name), lm_head=True, fold_ln=True, center_writing_weights=True)
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise SystemExit(f"{name!r} has no tokenizer files next to its weights; save the tokenizer there too")
+        vocab = [i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        report = induction_analysis(model, vocab, bos, n=args.n, half=args.half, seed=args.seed, out_dir=args.out,
+                                    model_name=os.path.basename(os.path.normpath(name)))
+        print(report.summary() + "\n")
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
 
@@ -73,6 +99,8 @@ def cmd_trace(args: argparse.Namespace) -> None:
                           n_samples=args.samples, seed=args.seed, progress=True)
     tokens = [tokenizer.decode(t) for t in inputs["input_ids"][0]]
     result.cols = [f"{t.strip()}*" if i in subject else t.strip() for i, t in enumerate(tokens)]
+    if not is_main():  # every rank holds the whole result; one writes it
+        return
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"trace_{args.kind}.png")
     result.plot(path, title=f"P({args.target.strip()!r}) with {args.kind} restored (* = corrupted subject)",
@@ -89,6 +117,8 @@ def cmd_patch(args: argparse.Namespace) -> None:
     result = activation_patch(model, clean, corrupted, metric, kind=args.kind, progress=True)
     if result.col_label == "position":
         result.cols = [f"{i}:{tokenizer.decode(t).strip()}" for i, t in enumerate(clean[0])]
+    if not is_main():  # every rank holds the whole result; one writes it
+        return
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"patch_{args.kind}.png")
     result.plot(path)
@@ -143,6 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--top-k", type=positive_int, default=5)
     sp.set_defaults(fn=cmd_ioi)
 
+    sp = sub.add_parser("induction", help="induction heads: attention scores, loss on repeated tokens, K-composition, "
+                        "ablation and path patching (and the same on a contrast model)")
+    common(sp)
+    sp.set_defaults(model="induction-gpt2")
+    sp.add_argument("--contrast", default="ioi-gpt2", help="a second model to analyse the same way ('' for none)")
+    sp.add_argument("--n", type=positive_int, default=200, help="number of repeated random sequences")
+    sp.add_argument("--half", type=positive_int, default=None,
+                    help="length of the repeated half (default 20, less if the model has fewer positions)")
+    sp.set_defaults(fn=cmd_induction)
+
     sp = sub.add_parser("trace", help="ROME causal tracing over layers x positions")
     common(sp)
     sp.add_argument("--prompt", required=True)
@@ -168,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    distributed = init_from_env()  # started by torchrun: join the other ranks
     try:
         args.fn(args)
     except BrokenPipeError:  # `hookvene info | head`
@@ -175,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         print(f"hookvene {args.command}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

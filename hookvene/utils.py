@@ -2,6 +2,7 @@
 `as_inputs`, the one place model inputs are normalised."""
 
 import random
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,16 @@ def as_inputs(x: Any) -> dict[str, Any]:
         return dict(x)
     raise ValueError(f"model inputs must be a dict of tensors (a tokenizer's output) or a tensor, "
                      f"not {type(x).__name__}")
+
+
+def warn_unknown_tokens(tokenizer: Any, ids: Tensor, where: str = "the input") -> None:
+    """Warn when token ids contain the tokenizer's unknown token: a word outside its vocabulary was replaced, and
+    every activation after it describes a different text (the bundled ioi-gpt2 knows only 96 words)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not bool((torch.as_tensor(ids) == unk).any()):
+        return
+    warnings.warn(f"{where} contains {tokenizer.unk_token!r} (id {unk}): words outside this tokenizer's vocabulary "
+                  f"were replaced by it, so the model sees a different text than the one written", stacklevel=3)
 
 
 def unembedding_weight(model: nn.Module) -> Tensor:

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hookvene"
 # Lowest first. A module may import modules of its own or a lower layer; "x.*" is every module under package x.
 # Layer 0, the foundation, imports nothing from hookvene at all.
 LAYERS = [
-    ["hookvene.hooks", "hookvene.utils", "hookvene.viz", "hookvene.factored_matrix", "hookvene.causal_model"],
+    ["hookvene.hooks", "hookvene.utils", "hookvene.viz", "hookvene.factored_matrix", "hookvene.causal_model",
+     "hookvene.distributed"],
     ["hookvene.cache", "hookvene.lens"],
     ["hookvene.models", "hookvene.models.*"],
     ["hookvene.loading", "hookvene.loading.*"],

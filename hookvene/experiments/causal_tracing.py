@@ -21,15 +21,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hookvene.experiments.metrics import prob
+from hookvene.experiments.metrics import answer_token, prob, warn_if_special
 from hookvene.experiments.results import SweepResult
-from hookvene.experiments.sweep import Cell, check_model, record, run_cells
+from hookvene.experiments.sweep import Cell, check_model, record, run_cells, sweep_inputs
 from hookvene.plan import Attachment, Patch
-from hookvene.utils import as_inputs
 
 KINDS = {"resid_post": "blocks.{layer}.hook_resid_post", "mlp_out": "blocks.{layer}.hook_mlp_out",
          "attn_out": "blocks.{layer}.hook_attn_out"}
 RENAMED = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}  # their former names
+
+
+def subject_positions(model: nn.Module, ids: Tensor, subject: str) -> list[int]:
+    """Positions of the tokens of `subject`'s first occurrence in the token sequence `ids` (a tokenizer-aware model:
+    the subject is tokenized as it reads inside the prompt, e.g. " Mary" with its leading space)."""
+    tokens = model.to_tokens(subject, prepend_bos=False)[0].to(ids.device)
+    for start in range(len(ids) - len(tokens) + 1):
+        if torch.equal(ids[start:start + len(tokens)], tokens):
+            return list(range(start, start + len(tokens)))
+    raise ValueError(f"subject {subject!r} (tokens {model.to_str_tokens(tokens)}) does not occur in the prompt "
+                     f"{model.to_str_tokens(ids)}; mind the leading space (' Mary' inside a sentence)")
 
 
 def embedding_noise_scale(model: nn.Module, multiple: float = 3.0) -> float:
@@ -37,15 +47,18 @@ def embedding_noise_scale(model: nn.Module, multiple: float = 3.0) -> float:
     return multiple * float(model.embed.weight.detach().float().std())
 
 
-def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int, kind: str = "resid_post",
+def causal_trace(model: nn.Module, inputs: Any, subject: list[int] | str, target: int | str, kind: str = "resid_post",
                  window: int | None = None, n_samples: int = 10, noise_scale: float | None = None, seed: int = 0,
                  batch_size: int = 128, progress: bool = False) -> SweepResult:
     """The indirect-effect grid (layers x positions) for one prompt.
 
     Args:
-        inputs: one prompt: token ids (1, pos) or a tokenizer output for one example.
-        subject: positions of the subject tokens to corrupt.
-        target: token id whose probability (at the last position) is traced.
+        inputs: one prompt: token ids (1, pos), a tokenizer output for one example, or a string (tokenized with
+            the model's tokenizer, `model.to_tokens`: BOS first).
+        subject: positions of the subject tokens to corrupt, or a string: the tokens of its first occurrence in
+            the prompt (with a tokenizer-aware model).
+        target: token id whose probability (at the last position) is traced, or the answer string (e.g. " Paris",
+            resolved with `answer_token`: one known token, never the BOS the tokenizer prepends).
         kind: "resid_post", "mlp_out" or "attn_out" (the hook restored, as the sweeps name it); window:
             consecutive layers restored (default 1 for resid_post, 10 otherwise).
         batch_size: the most rows in one forward pass (the memory budget); every cell has n_samples rows.
@@ -55,11 +68,18 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
         raise ValueError(f"kind {kind!r} is now called {RENAMED[kind]!r} (the name of the hook it restores)")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    inputs = as_inputs(inputs)
+    tokenizer = getattr(model, "tokenizer", None)
+    inputs = sweep_inputs(model, model.to_tokens(inputs) if isinstance(inputs, str) else inputs)
     ids = inputs["input_ids"]
     if ids.shape[0] != 1:
         raise ValueError(f"causal_trace takes one prompt, got a batch of {ids.shape[0]}")
     n_layers, n_pos = model.cfg.n_layers, ids.shape[1]
+    if isinstance(subject, str):
+        subject = subject_positions(model, ids[0], subject)
+    if isinstance(target, str):
+        target = answer_token(model, target)
+    elif tokenizer is not None:
+        warn_if_special(tokenizer, int(target), "the traced target")
     bad = [p for p in subject if not 0 <= p < n_pos]
     if not subject or bad:
         raise ValueError(f"subject positions {subject} must be non-empty and within the prompt's {n_pos} tokens")
@@ -109,7 +129,9 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int], target: int,
                         progress=progress and f"causal trace ({kind})").float().cpu()
     for (layer, p), v in zip(grid, effects):
         values[layer, p] = v
-    return SweepResult(values, f"causal_trace:{kind}", "prob", "layer", "position",
-                       [str(x) for x in range(n_layers)], [str(p) for p in range(n_pos)], clean.metric, noised.metric,
+    tokens = model.to_str_tokens(ids[0]) if tokenizer is not None else [str(p) for p in range(n_pos)]
+    cols = [f"{p}:{t.strip()}" + ("*" if p in subject else "") for p, t in enumerate(tokens)]
+    return SweepResult(values, f"causal_trace:{kind}", "prob", "layer", "position (* = noised subject)",
+                       [str(x) for x in range(n_layers)], cols, clean.metric, noised.metric,
                        extra={"subject": list(subject), "window": window, "noise_scale": scale,
                               "n_samples": n_samples, "target": int(target), "noise": noise.cpu()})

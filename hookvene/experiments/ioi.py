@@ -60,11 +60,15 @@ __all__ = [
     "name_token",
     "tokenize_ioi",
     "logit_diff",
+    "METRIC_FIELDS",
 ]
 
 Order = Literal["ABBA", "BABA"]
 Corruption = Literal["abc", "swap_io_s", "random_names"]
 CORRUPTIONS: tuple[str, ...] = ("abc", "swap_io_s", "random_names")
+#: The entries of a :func:`tokenize_ioi` batch that describe the examples (for metrics), not model inputs: the
+#: sweeps accept the whole batch and leave these out of the model's call.
+METRIC_FIELDS: tuple[str, ...] = ("io_ids", "s_ids", "end_pos", "io_pos", "s1_pos", "s2_pos")
 
 # Forty common first names from the IOI paper's list of names that are single tokens (with a leading
 # space) for the GPT-2 tokenizer, so the same prompts also work on real GPT-2.

@@ -7,7 +7,9 @@ short prompts). Any function `f(logits (rows, pos, d_vocab), example_idx (rows,)
 too, just without that saving.
 """
 
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -47,14 +49,64 @@ class PositionMetric:
         return self.fn(final_logits if self.tokens is None else final_logits.gather(1, self.tokens(ex)), ex)
 
 
+def answer_token(tokenizer: Any, text: str) -> int:
+    """The token id of an answer string, e.g. " Mary" (with GPT-2's leading space), checked to be exactly one known
+    token. The tokenizer's special tokens are not added: the bundled model's tokenizer prepends <|endoftext|>, so
+    `tokenizer(" Mary").input_ids[0]` is that BOS, not Mary. `tokenizer` may be a model that carries one."""
+    tok = getattr(tokenizer, "tokenizer", None) if isinstance(tokenizer, torch.nn.Module) else tokenizer
+    if tok is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no tokenizer to resolve {text!r}; pass the token id, or a "
+                         f"tokenizer")
+    ids = tok.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"{text!r} is {len(ids)} tokens for this tokenizer ({tok.convert_ids_to_tokens(ids)}); pass a "
+                         f"single-token answer (with its leading space, e.g. ' Paris')")
+    if ids[0] == getattr(tok, "unk_token_id", None):
+        raise ValueError(f"{text!r} is not in this tokenizer's vocabulary (it encodes to the unknown token "
+                         f"{tok.unk_token!r})")
+    return ids[0]
+
+
+def warn_if_special(tokenizer: Any, token: int, what: str = "the target") -> None:
+    """Warn when an answer id is one of the tokenizer's special tokens (BOS, EOS, padding, unknown): almost always
+    `tokenizer(text).input_ids[0]` picking up the BOS that the tokenizer prepends, rather than the answer."""
+    special = {getattr(tokenizer, f"{k}_token_id", None): k for k in ("unk", "pad", "eos", "bos")}
+    if token in special:
+        warnings.warn(f"{what} is token {token}, the tokenizer's {special[token]} token "
+                      f"{tokenizer.convert_ids_to_tokens(token)!r}, not a word: did `tokenizer(answer).input_ids[0]` "
+                      f"pick up the BOS it prepends? Pass the answer string (e.g. ' Mary') to resolve it safely",
+                      stacklevel=3)
+
+
 def _ids(x: int | Sequence[int] | Tensor, ex: Tensor) -> Tensor:
     t = torch.as_tensor(x, device=ex.device).view(-1)
     return t[ex] if t.numel() > 1 else t.expand_as(ex)
 
 
-def logit_diff(answer: int | Sequence[int] | Tensor, wrong: int | Sequence[int] | Tensor,
-               pos: int | Tensor = -1) -> PositionMetric:
-    """logit[answer] - logit[wrong] (per example ids, or one id for all), e.g. IOI's logit[IO] - logit[S]."""
+Answer = int | str | Sequence[int] | Sequence[str] | Tensor
+
+
+def resolve_answers(x: Answer, tokenizer: Any = None) -> int | Sequence[int] | Tensor:
+    """Token ids of answers given as strings (one, or one per example) with `answer_token`; ids pass through, with
+    a warning for a special token (see `warn_if_special`) when the tokenizer is known."""
+    strings = isinstance(x, str) or (isinstance(x, list | tuple) and len(x) > 0 and isinstance(x[0], str))
+    tok = getattr(tokenizer, "tokenizer", None) if isinstance(tokenizer, torch.nn.Module) else tokenizer
+    if strings:
+        if tok is None:
+            raise ValueError(f"answers given as text ({x!r}) need the tokenizer: pass tokenizer=model (or the "
+                             f"tokenizer), or token ids")
+        return answer_token(tok, x) if isinstance(x, str) else [answer_token(tok, a) for a in x]
+    if tok is not None:
+        for t in {int(i) for i in torch.as_tensor(x).view(-1).tolist()}:
+            warn_if_special(tok, t, "an answer")
+    return x
+
+
+def logit_diff(answer: Answer, wrong: Answer, pos: int | Tensor = -1, tokenizer: Any = None) -> PositionMetric:
+    """logit[answer] - logit[wrong] (per example ids, or one id for all), e.g. IOI's logit[IO] - logit[S]. Answers
+    may be strings (" Mary", or one per example) with `tokenizer` (a tokenizer, or a model that carries one)."""
+    answer, wrong = resolve_answers(answer, tokenizer), resolve_answers(wrong, tokenizer)
+
     def tokens(ex: Tensor) -> Tensor:
         return torch.stack([_ids(answer, ex), _ids(wrong, ex)], dim=1)
 
@@ -63,8 +115,10 @@ def logit_diff(answer: int | Sequence[int] | Tensor, wrong: int | Sequence[int] 
     return PositionMetric("logit_diff", fn, pos, tokens)
 
 
-def prob(target: int | Sequence[int] | Tensor, pos: int | Tensor = -1) -> PositionMetric:
-    """Probability of the target token (per example id, or one id for all)."""
+def prob(target: Answer, pos: int | Tensor = -1, tokenizer: Any = None) -> PositionMetric:
+    """Probability of the target token (per example id, or one id for all; strings with `tokenizer`)."""
+    target = resolve_answers(target, tokenizer)
+
     def fn(last: Tensor, ex: Tensor) -> Tensor:
         return last.float().softmax(-1).gather(1, _ids(target, ex)[:, None]).squeeze(1)
     return PositionMetric("prob", fn, pos)

@@ -21,19 +21,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hookvene.distributed import all_sum, check_same, is_distributed, rank, world_size
 from hookvene.experiments.metrics import Metric
 from hookvene.experiments.results import SweepResult
 from hookvene.experiments.sweep import (
     Cell,
     check_model,
-    check_pair,
     first_read_position,
     record,
     run_cells,
     shared_prefix,
+    sweep_pair,
 )
 from hookvene.plan import Patch
-from hookvene.utils import as_inputs
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,7 @@ def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metri
     where clean and corrupted inputs agree equal the corrupted baseline without running."""
     check_model(model, "activation_patch")
     k = _kind(kind)
-    clean, corrupted = as_inputs(clean), as_inputs(corrupted)
-    check_pair(clean, corrupted)
+    clean, corrupted = sweep_pair(model, clean, corrupted)
     n_pos = corrupted["input_ids"].shape[1]
     grid, rows, cols, row_label, col_label = _grid(model, k, n_pos)
     hooks = sorted({k.hook.format(layer=c[0]) for c in grid})
@@ -123,16 +122,25 @@ def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metr
                       kind: str = "resid_pre") -> SweepResult:
     """Attribution patching (Nanda 2023): the first-order estimate of every cell of `activation_patch` from one
     clean forward, one corrupted forward and one backward: metric(corrupted) + sum((clean - corrupted) * grad).
-    Exact when the metric is linear in the patched activation; the values are comparable to the exact sweep's."""
+    Exact when the metric is linear in the patched activation; the values are comparable to the exact sweep's.
+
+    Under torch.distributed each rank differentiates a share of the examples (every world_size-th) and the sums
+    are added across ranks: every rank returns the whole result."""
     check_model(model, "attribution_patch")
     k = _kind(kind)
-    clean, corrupted = as_inputs(clean), as_inputs(corrupted)
-    check_pair(clean, corrupted)
+    clean, corrupted = sweep_pair(model, clean, corrupted)
     grid, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
     layers = sorted({c[0] for c in grid})
     hooks = [k.hook.format(layer=layer) for layer in layers]
-    source = record(model, clean, metric, hooks)
-    stored, clean_m = source.stored, source.metric
+    n = corrupted["input_ids"].shape[0]
+    mine = torch.arange(n, device=corrupted["input_ids"].device)  # the examples this process differentiates
+    split = is_distributed() and n >= world_size()  # fewer examples than ranks: each rank does them all
+    if split:
+        check_same("attribution_patch", examples=n)
+        mine = mine[rank()::world_size()]
+        clean, corrupted = ({key: v[mine] for key, v in d.items()} for d in (clean, corrupted))
+    source = record(model, clean, metric, hooks, examples=mine)
+    stored, clean_m = source.stored, source.metric * len(mine) / n  # this share's part of the mean
     acts: dict[str, Tensor] = {}
 
     def keep(x: Tensor, hook: Any) -> None:
@@ -143,8 +151,7 @@ def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metr
 
     with torch.enable_grad():
         out = model.run_with_hooks(**corrupted, fwd_hooks=[("hook_embed", leaf)] + [(h, keep) for h in hooks])
-        ex = torch.arange(out.logits.shape[0], device=out.logits.device)
-        m = metric(out.logits, ex).mean()
+        m = metric(out.logits, mine.to(out.logits.device)).sum() / n  # this share's part of the mean over all n
         grads = torch.autograd.grad(m, [acts[h] for h in hooks], allow_unused=True)
     keep_dims = [i + 1 for i, d in enumerate(k.layout) if d in k.cell]
     sum_dims = [i + 1 for i, d in enumerate(k.layout) if d not in k.cell]
@@ -157,9 +164,13 @@ def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metr
         if order != list(k.cell):  # put the cell dims in the grid's order, e.g. (head, pos)
             effect = effect.permute([order.index(d) for d in k.cell])
         per_layer.append(effect.reshape(-1))
-    values = float(m.detach()) + torch.stack(per_layer).reshape(len(rows), len(cols))
-    return SweepResult(values.detach().cpu(), f"attribution:{kind}", getattr(metric, "__name__", "metric"), row_label,
-                       col_label, rows, cols, clean_m, float(m.detach()))
+    effects, m = torch.stack(per_layer).detach(), m.detach()
+    if split:  # the shares' sums make the whole: effects and both metrics, in one reduction
+        total = all_sum(torch.cat([effects.reshape(-1), m.reshape(1), m.new_tensor([clean_m])]))
+        effects, m, clean_m = total[:-2].view_as(effects), total[-2], float(total[-1])
+    values = float(m) + effects.reshape(len(rows), len(cols))
+    return SweepResult(values.cpu(), f"attribution:{kind}", getattr(metric, "__name__", "metric"), row_label,
+                       col_label, rows, cols, clean_m, float(m))
 
 
 def compare(exact: SweepResult, approx: SweepResult) -> dict[str, float]:

@@ -10,7 +10,9 @@ The effect of sender heads on the metric *through* chosen receivers only. For ev
                          recompute), and records the receivers' inputs; pass 2 runs the clean input with only the
                          receivers' inputs replaced by the recorded values; measure the metric.
 
-The result is a layers x heads grid; lower than `clean` means the path carries the behaviour.
+The result is a layers x heads grid of the metric; the cells patch the clean run (`unpatched="clean"`), so a value
+moved from `clean` toward `corrupted` means the path carries the behaviour: `normalized_effect` 1 = the path alone
+carries all of it, and `top()` / `table()` rank by the size of the effect, sign shown.
 """
 
 from collections.abc import Sequence
@@ -24,15 +26,14 @@ from hookvene.experiments.results import SweepResult
 from hookvene.experiments.sweep import (
     Cell,
     check_model,
-    check_pair,
     first_read_position,
     record,
     record_cells,
     run_cells,
     shared_prefix,
+    sweep_pair,
 )
 from hookvene.plan import Patch
-from hookvene.utils import as_inputs
 
 Z = "blocks.{layer}.attn.hook_z"
 
@@ -45,8 +46,7 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
     Every cell resumes from the clean run at the sender's layer (or the first receiver's, if earlier); positions
     where clean and corrupted inputs agree come from the clean run's KV cache."""
     check_model(model, "path_patch")
-    clean, corrupted = as_inputs(clean), as_inputs(corrupted)
-    check_pair(clean, corrupted)
+    clean, corrupted = sweep_pair(model, clean, corrupted)
     cfg = model.cfg
     n_layers, n_heads = cfg.n_layers, cfg.n_heads
     senders = list(senders) if senders is not None else [(lay, h) for lay in range(n_layers) for h in range(n_heads)]
@@ -96,4 +96,4 @@ def path_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
         grid[lay, h] = v
     return SweepResult(grid, "path_patch:" + ("logits" if direct else ",".join(f"{r}[{h}]" for r, h in receivers)),
                        getattr(metric, "__name__", "metric"), "layer", "head", [str(x) for x in range(n_layers)],
-                       [str(h) for h in range(n_heads)], base.metric, source.metric)
+                       [str(h) for h in range(n_heads)], base.metric, source.metric, unpatched="clean")

@@ -24,10 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hookvene.distributed import assign, check_same, gather_objects, is_distributed, is_main, rank, sum_disjoint
+from hookvene.experiments.ioi import METRIC_FIELDS
 from hookvene.experiments.metrics import Metric, PositionMetric
 from hookvene.hooks import StopForward
 from hookvene.models.common import KVCache
 from hookvene.plan import Attachment, Patch, attach, patch_rows
+from hookvene.utils import as_inputs, warn_unknown_tokens
 
 RowHooks = Callable[[Tensor, Tensor], list[Attachment]]  # (example idx, cell idx) per row -> hook functions
 
@@ -46,6 +49,24 @@ def check_model(model: nn.Module, what: str) -> None:
     if not (getattr(model, "can_resume", False) and getattr(model, "has_lm_head", False)):
         raise ValueError(f"{what} works on hookvene's decoder-only language models (GPT-2, GPT-Neo, with their LM "
                          f"head); got {type(model).__name__}. For other models, patch with pv.IntervenableModel.")
+
+
+def sweep_inputs(model: nn.Module, x: Any, name: str = "the input") -> dict[str, Tensor]:
+    """The model's inputs for a sweep, from token ids, a tokenizer's output or a `tokenize_ioi` batch (whose
+    io_ids, end_pos, ... describe the examples for the metric and are left out of the model's call). Warns when
+    the ids hold the model's unknown token (words its tokenizer does not know)."""
+    inputs = {k: v for k, v in as_inputs(x).items() if k not in METRIC_FIELDS}
+    if getattr(model, "tokenizer", None) is not None and "input_ids" in inputs:
+        warn_unknown_tokens(model.tokenizer, inputs["input_ids"], name)
+    return inputs
+
+
+def sweep_pair(model: nn.Module, clean: Any, corrupted: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """`sweep_inputs` of a clean and a corrupted input, checked to line up position by position."""
+    clean = sweep_inputs(model, clean, "the clean input")
+    corrupted = sweep_inputs(model, corrupted, "the corrupted input")
+    check_pair(clean, corrupted)
+    return clean, corrupted
 
 
 def check_pair(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> None:
@@ -127,17 +148,19 @@ class Run:
 
 
 def record(model: nn.Module, inputs: dict[str, Tensor], metric: Metric, hooks: Sequence[str] = (),
-           resume: bool = False, attachments: Sequence[Attachment] = ()) -> Run:
+           resume: bool = False, attachments: Sequence[Attachment] = (), examples: Tensor | None = None) -> Run:
     """One run (with `attachments` on, e.g. noise): the mean metric, the activations at `hooks`, and with `resume`
     its residual stream entering every block and its KV cache. It stops after the last block: the metric unembeds
-    only where it reads."""
+    only where it reads. `examples`: the metric's example index of each input row (default 0, 1, ...), for a
+    run over a slice of the examples (one rank's share)."""
     n_layers = model.cfg.n_layers
     resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] if resume else []
     names = sorted(set(hooks) | set(resid))
     with torch.no_grad(), attach(model, attachments):
         out, cache = model.run_with_cache(**inputs, names_filter=names, use_cache=resume, stop_at_layer=n_layers)
         x = out.last_hidden_state
-        value = float(metric_values(model, x, metric, torch.arange(x.shape[0], device=x.device)).mean())
+        ex = torch.arange(x.shape[0], device=x.device) if examples is None else examples.to(x.device)
+        value = float(metric_values(model, x, metric, ex).mean())
     states = Resume({layer: cache[h] for layer, h in enumerate(resid)}, out.past_key_values,
                     inputs.get("attention_mask")) if resume else None
     return Run(value, {h: cache[h] for h in hooks}, states)
@@ -274,6 +297,15 @@ def _chunks(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], 
             inside[i] = [p for p in shifted if p.hook != f"blocks.{starts[i]}.hook_resid_pre"]
         order = sorted(ids, key=starts.__getitem__)
         plan += [(offset, order[i:i + per], entry, inside, cut, starts) for i in range(0, len(order), per)]
+    if is_distributed():
+        # Under torchrun each rank runs a share of the passes planned above, whole: a pass keeps the rows it has on
+        # one process, so every value comes from the same arithmetic as there. A pass costs about (blocks it runs)
+        # x (positions it recomputes) per cell; `assign` balances that.
+        n_pos, end = next(iter(resume.states.values())).shape[1], stop_at_layer or model.cfg.n_layers
+        check_same("a sweep", cells=len(cells), examples=n_ex, positions=n_pos, passes=len(plan))
+        costs = [sum(end - starts[c] for c in chunk) * (n_pos - offset) for offset, chunk, _, _, _, starts in plan]
+        plan = [p for p, owner in zip(plan, assign(costs)) if owner == rank()]
+    progress = progress and is_main()
     bar = tqdm(plan, desc=progress if isinstance(progress, str) else "sweep", disable=not progress, unit="chunk")
     for offset, chunk, entry, inside, cut, starts in bar:
         def hooks(ex: Tensor, cell: Tensor, inside: dict = inside, cut: dict = cut) -> list[Attachment]:
@@ -306,21 +338,23 @@ def run_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor]
     """The mean metric over the examples of each cell's patched run: a (len(cells),) tensor.
 
     `stored[key]` holds the (examples, ...) activations patches read; `resume` is the run being patched.
-    `batch_size` bounds the rows of one forward pass (the memory budget)."""
+    `batch_size` bounds the rows of one forward pass (the memory budget). Under torch.distributed the ranks share
+    the passes and every rank returns all the values (see `hookvene.distributed`)."""
     if not cells:
         return torch.empty(0)
     n_ex, n_pos = next(iter(resume.states.values())).shape[:2]
     device = next(model.parameters()).device
     examples = torch.arange(n_ex, device=device)
     last_only = isinstance(metric, PositionMetric) and bool((metric.positions(examples, n_pos) == n_pos - 1).all())
-    out = torch.empty(len(cells), device=device, dtype=torch.float64 if model.dtype == torch.float64 else None)
+    # zeros: under torch.distributed each rank fills its own cells and the ranks' tensors are summed
+    out = torch.zeros(len(cells), device=device, dtype=torch.float64 if model.dtype == torch.float64 else None)
     with torch.no_grad():
         for chunk in _chunks(model, cells, stored, resume, batch_size, progress, last_only):
             values = metric_values(model, chunk.x, metric, chunk.example_of_row, offset=n_pos - chunk.x.shape[1])
             sums = torch.zeros(len(cells), dtype=out.dtype, device=device)
             sums.index_add_(0, chunk.cell_of_row, values.to(out.dtype))
             out[chunk.cells] = sums[chunk.cells] / n_ex
-    return out
+    return sum_disjoint(out) if is_distributed() else out
 
 
 def record_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], hooks: Sequence[str],
@@ -345,4 +379,10 @@ def record_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tens
         for _ in _chunks(model, cells, stored, resume, batch_size, False, False, {h: saver(h) for h in hooks},
                          stop_at_layer=max(start_layer([h]) for h in hooks) + 1):
             pass
+    if is_distributed():  # each rank filled its own cells (zeros elsewhere); a rank that ran no pass has no shapes
+        known = {h: v for shapes in gather_objects({h: (t.shape, t.dtype) for h, t in out.items()})
+                 for h, v in shapes.items()}
+        device = next(model.parameters()).device
+        out = {h: sum_disjoint(out[h] if h in out else torch.zeros(shape, dtype=dtype, device=device))
+               for h, (shape, dtype) in sorted(known.items())}
     return out

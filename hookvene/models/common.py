@@ -452,6 +452,41 @@ def check_tokens(input_ids: Tensor | None, d_vocab: int, n_ctx: int | None, offs
             raise ValueError(f"token id {hi if hi >= d_vocab else lo} is outside the vocabulary [0, {d_vocab})")
 
 
+class CausalLM:
+    """The LM head shared by the decoder-only models (GPT-2, GPT-Neo, GPT-NeoX, Llama): mixed in before the base
+    model (`class GPT2LM(CausalLM, GPT2)`), it adds the unembedding, tied to the token embedding when the config
+    says so, `logits` (through `hook_logits`) and the next-token `loss` when `labels` are given."""
+
+    has_lm_head = can_generate = True
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)  # HF: lm_head
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.hook_logits = HookPoint()
+
+    def forward(self, *args: Any, labels: Int[Tensor, "batch pos"] | None = None, **kwargs: Any) -> "ModelOutput":
+        """The base model's forward (same arguments), then the unembedding."""
+        out = super().forward(*args, **kwargs)
+        if kwargs.get("stop_at_layer") is not None:  # the residual stream mid-model: nothing to unembed
+            return out
+        out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
+        if labels is not None:
+            out.loss = lm_loss(out.logits, labels)
+        return out
+
+    def unembed_resid(self, resid: Float[Tensor, "... d_model"],
+                      tokens: Int[Tensor, "... k"] | None = None) -> Float[Tensor, "... d_vocab"]:
+        """Logits of residual vectors leaving the last block: ln_final, then the unembedding (only the `tokens`
+        rows of it when given: a logit difference needs two of the vocabulary). `hook_logits` does not fire."""
+        x = self.ln_final(resid)
+        if tokens is None:
+            return self.unembed(x)
+        logits = torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
+        return logits if self.unembed.bias is None else logits + self.unembed.bias[tokens]  # bias: fold_ln made one
+
+
 # -- decoding ----------------------------------------------------------------------------------------------------
 
 def new_token_count(prompt_len: int, max_new_tokens: int | None, max_length: int | None) -> int:

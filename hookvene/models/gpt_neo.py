@@ -14,7 +14,7 @@ is an analysis model, and `transformers` in eval mode computes the same function
 """
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from hookvene.hooks import HookPoint
 from hookvene.models.common import (
     ACTIVATIONS,
+    CausalLM,
     HFAliases,
     HookedModel,
     KVCache,
@@ -35,7 +36,6 @@ from hookvene.models.common import (
     check_tokens,
     identity_alias,
     layer_slice,
-    lm_loss,
     merge_heads,
     project_heads,
     runtime_flags,
@@ -240,38 +240,9 @@ class GPTNeo(HookedModel):
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
 
-class GPTNeoLM(GPTNeo):
+class GPTNeoLM(CausalLM, GPTNeo):
     """GPT-Neo with its unembedding (tied to the token embedding unless the config says otherwise): also
     returns `logits`, and `loss` when `labels` are given."""
-
-    has_lm_head = can_generate = True
-
-    def __init__(self, cfg: GPTNeoConfig) -> None:
-        super().__init__(cfg)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)  # HF: lm_head
-        if cfg.tie_word_embeddings:
-            self.unembed.weight = self.embed.weight
-        self.hook_logits = HookPoint()
-
-    def forward(self, *args: Any, labels: Int[Tensor, "batch pos"] | None = None, **kwargs: Any) -> ModelOutput:
-        """The base model's forward (same arguments), then the unembedding; `loss` when `labels` are given."""
-        out = super().forward(*args, **kwargs)
-        if kwargs.get("stop_at_layer") is not None:  # the residual stream mid-model: nothing to unembed
-            return out
-        out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
-        if labels is not None:
-            out.loss = lm_loss(out.logits, labels)
-        return out
-
-    def unembed_resid(self, resid: Float[Tensor, "... d_model"],
-                      tokens: Int[Tensor, "... k"] | None = None) -> Float[Tensor, "... d_vocab"]:
-        """Logits of residual vectors leaving the last block: ln_final, then the unembedding (only the `tokens`
-        rows of it when given: a logit difference needs two of the vocabulary). `hook_logits` does not fire."""
-        x = self.ln_final(resid)
-        if tokens is None:
-            return self.unembed(x)
-        logits = torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
-        return logits if self.unembed.bias is None else logits + self.unembed.bias[tokens]  # bias: fold_ln made one
 
 
 # -- HuggingFace attribute names ----------------------------------------------------------------------------------

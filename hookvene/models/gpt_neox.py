@@ -17,7 +17,7 @@ renaming table (`hookvene/loading/gpt_neox.py`). There is no dropout: this is an
 """
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -27,6 +27,7 @@ from hookvene.hooks import HookPoint
 from hookvene.models.common import (
     ACTIVATIONS,
     ROPE_TYPES,
+    CausalLM,
     HFAliases,
     HookedModel,
     KVCache,
@@ -39,7 +40,6 @@ from hookvene.models.common import (
     check_length,
     check_tokens,
     layer_slice,
-    lm_loss,
     merge_heads,
     rope_inv_freq,
     rotary_cos_sin,
@@ -216,37 +216,9 @@ class GPTNeoX(HookedModel):
         return ModelOutput(last_hidden_state=self.ln_final(x), past_key_values=cache)
 
 
-class GPTNeoXLM(GPTNeoX):
+class GPTNeoXLM(CausalLM, GPTNeoX):
     """GPT-NeoX / Pythia with its (untied, unless the config says otherwise) unembedding: also returns `logits`,
     and `loss` when `labels` are given."""
-
-    has_lm_head = can_generate = True
-
-    def __init__(self, cfg: GPTNeoXConfig) -> None:
-        super().__init__(cfg)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)  # HF: embed_out (lm_head in transformers 5)
-        if cfg.tie_word_embeddings:
-            self.unembed.weight = self.embed.weight
-        self.hook_logits = HookPoint()
-
-    def forward(self, *args: Any, labels: Int[Tensor, "batch pos"] | None = None, **kwargs: Any) -> ModelOutput:
-        """The base model's forward (same arguments), then the unembedding; `loss` when `labels` are given."""
-        out = super().forward(*args, **kwargs)
-        if kwargs.get("stop_at_layer") is not None:  # the residual stream mid-model: nothing to unembed
-            return out
-        out.logits = self.hook_logits(self.unembed(out.last_hidden_state))
-        if labels is not None:
-            out.loss = lm_loss(out.logits, labels)
-        return out
-
-    def unembed_resid(self, resid: Float[Tensor, "... d_model"],
-                      tokens: Int[Tensor, "... k"] | None = None) -> Float[Tensor, "... d_vocab"]:
-        """Logits of residual vectors leaving the last block: ln_final, then the unembedding (only the `tokens`
-        rows of it when given). `hook_logits` does not fire."""
-        x = self.ln_final(resid)
-        if tokens is None:
-            return self.unembed(x)
-        return torch.einsum("...d,...kd->...k", x, self.unembed.weight[tokens])
 
 
 # -- HuggingFace attribute names ----------------------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""Mutation testing of hookvene's core modules with mutmut 3 (`make mutants`); writes mutation/REPORT.md.
+
+Each group (a few modules and the fast tests that exercise them) runs in its own copy of the working tree
+(`--workdir`, default /tmp/hookvene-mutants/<group>): mutmut never edits the files it mutates in place (it writes
+mutated copies under `<copy>/mutants/`), and the copy keeps other people's test runs on this tree undisturbed.
+One mutant at a time (`--max-children 1`), torch on one thread.
+
+    python mutation/run_mutants.py                      # every group, then the report
+    python mutation/run_mutants.py loading interventions
+    python mutation/run_mutants.py --rerun loading      # refresh tests in the existing copy, rerun its survivors
+    python mutation/run_mutants.py --report-only        # rebuild REPORT.md from the copies' results
+
+What mutmut 3 mutates: the bodies of top-level functions and methods (numbers, strings, operators, comparisons,
+`and`/`or`, True/False/None, call arguments, ...). It does not mutate module-level statements (the rule tables
+`RULES` of hookvene/loading/*.py and the component tables of hookvene/components.py are module-level literals), nor
+decorated functions other than static/class methods (`@property`, and `hookvene.models.common.generate`, which is
+`@torch.no_grad()`). The tables are mutated by tests/test_mutants_tables.py instead (each rule dropped, each pair
+of same-shaped rules swapped, each layer index shifted; the parity check must fail on every one).
+
+A survivor listed in mutation/equivalent.md (a line "- `mutant name`: why it is equivalent") is reported as
+equivalent; every other survivor is a missing test.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["-m", "not slow and not subprocess", "-p", "no:cacheprovider", "-q", "-x"]
+
+# group -> (files to mutate, test files, mutant-name globs to run or None for every mutant of those files)
+GROUPS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
+    "loading": (
+        ["hookvene/loading/gpt2.py", "hookvene/loading/gpt_neo.py", "hookvene/loading/t5.py",
+         "hookvene/loading/gru.py"],
+        ["tests/test_loading.py", "tests/test_gpt2.py", "tests/test_gpt_neo.py", "tests/test_t5.py",
+         "tests/test_gru.py", "tests/test_parity.py", "tests/test_mutants_loading.py"],
+        None,
+    ),
+    "interventions": (
+        ["hookvene/interventions.py"],
+        ["tests/test_interventions.py", "tests/test_serialization.py", "tests/test_mutants_interventions.py"],
+        None,
+    ),
+    "locations": (
+        ["hookvene/locations.py"],
+        ["tests/test_plan.py", "tests/test_intervenable.py", "tests/test_mutants_locations.py"],
+        None,
+    ),
+    "components": (
+        ["hookvene/components.py"],
+        ["tests/test_components.py", "tests/test_component_aliases.py", "tests/test_mutants_components.py"],
+        None,
+    ),
+    "plan": (
+        ["hookvene/plan.py"],
+        ["tests/test_plan.py", "tests/test_intervenable.py", "tests/test_rare_paths.py",
+         "tests/test_mutants_plan.py"],
+        None,
+    ),
+    "sweep": (
+        ["hookvene/experiments/sweep.py"],
+        ["tests/test_experiments.py", "tests/test_mutants_sweep.py"],
+        None,
+    ),
+    "generate": (
+        ["hookvene/generate.py", "hookvene/models/common.py"],
+        ["tests/test_generate.py", "tests/test_mutants_generate.py"],
+        # the decoding loop's helpers in models/common.py (`generate` itself is decorated: mutmut skips it)
+        ["hookvene.generate.*", "hookvene.models.common.x_new_token_count__mutmut_*",
+         "hookvene.models.common.x_pick_next__mutmut_*"],
+    ),
+}
+
+DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
+
+
+def copy_tree(dest: Path) -> None:
+    """The working tree's tracked and untracked-but-not-ignored files -> dest (a fresh directory)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in files:
+        src = ROOT / f
+        if f and src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+
+
+def write_config(work: Path, files: list[str], tests: list[str]) -> None:
+    """The copy's pyproject.toml with a [tool.mutmut] section for this group (replacing any there)."""
+    pyproject = work / "pyproject.toml"
+    text = re.sub(r"(?ms)^\[tool\.mutmut\].*?(?=^\[|\Z)", "", pyproject.read_text())
+    tests = [t for t in tests if (work / t).exists()]
+
+    def toml_list(xs: list[str]) -> str:
+        return "[" + ", ".join(json.dumps(x) for x in xs) + "]"
+
+    text += (f"\n[tool.mutmut]\nsource_paths = [\"hookvene\"]\nonly_mutate = {toml_list(files)}\n"
+             f"pytest_add_cli_args = {toml_list(FAST)}\n"
+             f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
+             f"use_git_change_detection = false\n")
+    pyproject.write_text(text)
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+             TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    e.pop("PYTHONPATH", None)
+    return e
+
+
+def mutmut(work: Path, *args: str, log: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mutmut", *args]
+    if log is None:
+        return subprocess.run(cmd, cwd=work, env=env(), capture_output=True, text=True)
+    with open(log, "a") as f:
+        return subprocess.run(cmd, cwd=work, env=env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
+def statuses(work: Path, files: list[str], globs: list[str] | None) -> dict[str, str]:
+    """mutant name -> status, read from mutmut's per-file .meta results."""
+    from mutmut.stats import status_by_exit_code  # noqa: PLC0415
+
+    out = {}
+    for f in files:
+        meta = work / "mutants" / (f + ".meta")
+        if not meta.exists():
+            continue
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if globs is None or any(_fnmatch(name, g) for g in globs):
+                out[name] = status_by_exit_code[code]
+    return out
+
+
+def _fnmatch(name: str, glob: str) -> bool:
+    import fnmatch  # noqa: PLC0415
+
+    return fnmatch.fnmatchcase(name, glob)
+
+
+def run_group(group: str, workdir: Path, rerun: bool) -> None:
+    files, tests, globs = GROUPS[group]
+    work = workdir / group
+    log = workdir / f"{group}.log"
+    start = time.time()
+    if rerun and (work / "mutants").exists():
+        before = statuses(work, files, globs)
+        survivors = sorted(n for n, s in before.items() if s not in DETECTED)
+        shutil.rmtree(work / "tests")
+        shutil.copytree(ROOT / "tests", work / "tests")
+        write_config(work, files, tests)
+        if not survivors:
+            print(f"[{group}] no survivors to rerun")
+            return
+        print(f"[{group}] rerunning {len(survivors)} survivors (log: {log})")
+        mutmut(work, "run", "--max-children", "1", *survivors, log=log)
+    else:
+        copy_tree(work)
+        write_config(work, files, tests)
+        log.write_text("")
+        print(f"[{group}] mutating {', '.join(files)}; tests {', '.join(tests)} (copy: {work}, log: {log})")
+        mutmut(work, "run", "--max-children", "1", *(globs or []), log=log)
+    print(f"[{group}] done in {time.time() - start:.0f} s")
+
+
+def report(workdir: Path, out: Path) -> None:
+    notes = {}
+    eq = ROOT / "mutation" / "equivalent.md"
+    if eq.exists():
+        for m in re.finditer(r"^- `([^`]+)`:\s*(.+)$", eq.read_text(), re.M):
+            notes[m.group(1)] = m.group(2)
+    lines = ["# Mutation testing report (mutmut 3; `make mutants`, see mutation/run_mutants.py)", "",
+             "Kill rate = mutants detected (killed, or timed out) / mutants run, per module. A survivor either is "
+             "listed in mutation/equivalent.md with the reason it cannot change a result, or needs a test.", "",
+             "| module | mutants | detected | survived | no test ran | equivalent (noted) | kill rate | "
+             "kill rate, equivalents excluded |", "|---|---|---|---|---|---|---|---|"]
+    details = []
+    for group, (files, _, globs) in GROUPS.items():
+        work = workdir / group
+        if not (work / "mutants").exists():
+            continue
+        st = statuses(work, files, globs)
+        for f in files:
+            prefix = f.removesuffix(".py").replace("/", ".") + "."
+            mine = {n: s for n, s in st.items() if n.startswith(prefix) and s != "not checked"}
+            if not mine:
+                continue
+            c = Counter(mine.values())
+            det = sum(c[s] for s in DETECTED)
+            alive = sorted(n for n, s in mine.items() if s not in DETECTED)
+            equiv = [n for n in alive if n in notes]
+            rate = det / len(mine)
+            rate_eq = det / max(len(mine) - len(equiv), 1)
+            lines.append(f"| {f} | {len(mine)} | {det} | {c['survived']} | {c['no tests']} | {len(equiv)} | "
+                         f"{100 * rate:.1f}% | {100 * rate_eq:.1f}% |")
+            for n in alive:
+                diff = mutmut(work, "show", n).stdout.strip()
+                diff = "\n".join(diff.splitlines()[1:])  # drop mutmut's "# name: status" line
+                why = f"equivalent: {notes[n]}" if n in notes else "NOT EXPLAINED (needs a test or a note)"
+                details += [f"### `{n}` ({mine[n]}; {why})", "", "```diff", diff, "```", ""]
+    lines += ["", "## Surviving mutants", ""] + (details or ["None."])
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("groups", nargs="*", help=f"groups to run (default: all): {', '.join(GROUPS)}")
+    ap.add_argument("--workdir", default="/tmp/hookvene-mutants", type=Path)
+    ap.add_argument("--rerun", action="store_true", help="rerun only the survivors, with the current tests")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--report", default=ROOT / "mutation" / "REPORT.md", type=Path)
+    args = ap.parse_args()
+    unknown = set(args.groups) - set(GROUPS)
+    if unknown:
+        ap.error(f"unknown groups {sorted(unknown)}; groups: {', '.join(GROUPS)}")
+    if not args.report_only:
+        for group in args.groups or GROUPS:
+            run_group(group, args.workdir, args.rerun)
+    report(args.workdir, args.report)
+
+
+if __name__ == "__main__":
+    main()

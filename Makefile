@@ -3,6 +3,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
+	@echo "First run: creating $(VENV) and installing torch 2.13.0 (CPU build, about 750 MB installed), then hookvene with"
+	@echo "transformers, safetensors, jaxtyping, tqdm, matplotlib and the test tools (pytest, ruff, beartype, hypothesis)."
+	@echo "This takes a minute or two; later runs skip it."
 	python3.11 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0   # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
@@ -36,5 +39,8 @@ bench: install
 	$(PY) benchmarks/bench_interventions.py
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_experiments.py
+	$(PY) benchmarks/bench_distributed.py
+	$(PY) benchmarks/bench_collect.py --threads 1
+	$(PY) benchmarks/bench_loading.py
 
 .PHONY: install ioi test test-fast test-shapes lint bench mutants

@@ -102,7 +102,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     resid.cols = [f"{i}:{tokenizer.decode(t).strip()}" for i, t in enumerate(base_inputs["input_ids"][0])]
     path = os.path.join(args.out, "activation_patching.png")
-    resid.plot(path, title=f"logit({source_io}) - logit({base_io}) with one resid_post patched from the source")
+    resid.plot(path, title=f"logit({source_io}) - logit({base_io}) after {ioi_prompt(base_io, s)!r}, with one "
+                           f"resid_post state patched in from the {source_io} prompt")
     print(f"figure: {path}")
 
 

@@ -101,7 +101,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     result.cols = [f"{i}:{t}" for i, t in enumerate(tokens)]
     path = os.path.join(args.out, "position_patching.png")
-    result.plot(path, title="logit(Alice) - logit(Mary), one position of block_output patched from the source")
+    result.plot(path, title=f"logit(Alice) - logit(Mary) after {ioi_prompt('Mary', 'John')!r}, one position of "
+                            f"block_output (resid_post) patched in from {ioi_prompt('Alice', 'David')!r}")
     print(f"figure: {path}")
 
 

@@ -1,11 +1,16 @@
 """Tutorial 6: generation with interventions (activation steering), on IOI-style text.
 
 The steering direction is the difference of mean MLP outputs (one layer, averaged over positions) between IOI
-prompts that only use women's names and prompts that only use men's names. Adding it at every position of every
-generation step should push the model towards women's names. Generation runs through
-`IntervenableModel.generate`, with the unsteered continuation from the same sampling seed next to it.
+prompts that only use 12 women's names and prompts that only use 12 men's names. The bundled model has no notion
+of gender (its training names are random), so the direction is simply "these 12 names rather than those": it is
+made of the names' own representations. Adding it at every position of every generation step pushes the answer
+towards the first set, although the prompt names two men. Generation runs through `IntervenableModel.generate`,
+with the unsteered continuation from the same sampling seed next to it.
 
-    python examples/06_steering_generation.py [--model ioi-gpt2] [--layer 1] [--alpha 4] [--out out/]
+The default strength matters: on the bundled model alpha 4 at layer 1 leaves the continuation unchanged (P of the
+women's names 0.003), while alpha 16 at layer 0 (the default) makes a woman's name the greedy answer.
+
+    python examples/06_steering_generation.py [--model ioi-gpt2] [--layer 0] [--alpha 16] [--out out/]
 """
 
 import argparse
@@ -23,8 +28,8 @@ MEN = ("Aaron", "Adam", "Andrew", "Arthur", "Brian", "Charles", "Daniel", "David
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="ioi-gpt2", help="bundled model name, local checkpoint dir, or 'gpt2'")
-    p.add_argument("--layer", type=int, default=1, help="mlp_output layer to steer")
-    p.add_argument("--alpha", type=float, default=4.0, help="steering strength (multiple of the direction)")
+    p.add_argument("--layer", type=int, default=0, help="mlp_output layer to steer")
+    p.add_argument("--alpha", type=float, default=16.0, help="steering strength (multiple of the direction)")
     p.add_argument("--prompt", default="Then, John and Michael went to the store. John gave a drink to")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -79,18 +84,32 @@ def main() -> None:
     with model.hooks(fwd_hooks=[hook]):
         by_hand = model.generate(inputs["input_ids"], max_new_tokens=new_tokens)
     assert torch.equal(greedy, by_hand)
+    plain = model.generate(inputs["input_ids"], max_new_tokens=new_tokens)
+    print(f"greedy unsteered: {tokenizer.decode(plain[0, n_prompt:])!r}")
     print(f"greedy steered: {tokenizer.decode(greedy[0, n_prompt:])!r} (same as a hand-written hook)")
 
     # 4. How much next-token probability goes to each set of names, as the strength grows
     women = [name_token(tokenizer, n) for n in WOMEN]
     men = [name_token(tokenizer, n) for n in MEN]
-    alphas = [0.0, args.alpha / 2, args.alpha, 2 * args.alpha]
-    mass = []
+    alphas = [0.0, args.alpha / 4, args.alpha / 2, args.alpha, 2 * args.alpha]
+    mass, gaps = [], []
     for alpha in alphas:
         _, out = intervenable(base=inputs, source_representations=alpha * steering_direction)
-        probs = out.logits[0, -1].softmax(-1)
+        logits = out.logits[0, -1]
+        probs = logits.softmax(-1)
         mass.append((probs[women].sum().item(), probs[men].sum().item()))
-        print(f"alpha {alpha:5.1f}: P(women's names) = {mass[-1][0]:.4f}  P(men's names) = {mass[-1][1]:.4f}")
+        gaps.append((logits[women].mean() - logits[men].mean()).item())  # the target logit: women's over men's names
+        print(f"alpha {alpha:5.1f}: P(women's names) = {mass[-1][0]:.4f}  P(men's names) = {mass[-1][1]:.4f}  "
+              f"mean logit women - men = {gaps[-1]:+.2f}")
+    at = alphas.index(args.alpha)
+    first_word = tokenizer.decode(greedy[0, n_prompt]).strip()
+    if first_word in WOMEN and not torch.equal(greedy, plain) and mass[at][0] > 10 * mass[0][0]:
+        print(f"Finding: at alpha {args.alpha:g} the greedy answer becomes {first_word!r} (unsteered "
+              f"{tokenizer.decode(plain[0, n_prompt]).strip()!r}), P(women's names) rises from {mass[0][0]:.3f} to "
+              f"{mass[at][0]:.3f} and their mean logit over the men's names from {gaps[0]:+.2f} to {gaps[at]:+.2f}")
+    else:
+        print(f"No finding: at alpha {args.alpha:g} the greedy answer is {first_word!r} and P(women's names) "
+              f"{mass[at][0]:.3f} (unsteered {mass[0][0]:.3f}); try a larger --alpha or another --layer")
 
     import matplotlib
 
@@ -102,7 +121,7 @@ def main() -> None:
     ax.plot(alphas, [m for _, m in mass], "o-", label="men's names")
     ax.set_xlabel("steering strength alpha")
     ax.set_ylabel("next-token probability")
-    ax.set_title(f"Steering at layer {args.layer} mlp_output")
+    ax.set_title(f"Steering at layer {args.layer} mlp_output\n{args.prompt!r}", fontsize=8)
     ax.legend()
     fig.tight_layout()
     os.makedirs(args.out, exist_ok=True)

@@ -50,22 +50,31 @@ assert abs(attribution(parts).sum() - logit_diff) < 1e-3  # the components add u
 
 per_head = attribution(cache.stack_head_results(layer=-1, pos_slice=-1)).view(model.cfg.n_layers, -1)
 viz.heatmap(per_head, [str(i) for i in range(len(per_head))], [str(h) for h in range(per_head.shape[1])],
-            row_label="layer", col_label="head", title="Direct logit attribution per head",
+            row_label="layer", col_label="head", center=0.0, cbar_label="logit diff (IO - S) written directly",
+            title=f"Direct logit attribution per head, mean over {len(prompts)} prompts like {prompts[0]!r}",
             path=os.path.join(out_dir, "ioi_head_attribution.png"))
-top_heads = [divmod(int(i), per_head.shape[1]) for i in per_head.flatten().topk(3).indices]
-print("Top heads by direct logit attribution:", ", ".join(f"L{la}H{h}={per_head[la, h]:.2f}" for la, h in top_heads))
+top_heads = [divmod(int(i), per_head.shape[1]) for i in per_head.flatten().abs().topk(3).indices]  # either sign
+print("Top heads by direct logit attribution:", ", ".join(f"L{la}H{h}={per_head[la, h]:+.2f}" for la, h in top_heads))
+mlps = sum(float(v) for lbl, v in zip(labels, attribution(parts)) if lbl.endswith("mlp_out"))
+if abs(float(per_head.sum())) < 0.1 * float(logit_diff):
+    print(f"Finding: the heads write {float(per_head.sum()):+.2f} of the {float(logit_diff):.2f} directly, the MLPs "
+          f"{mlps:+.2f}: unlike GPT-2's name movers, this model's heads (which patching shows matter) act through the "
+          f"MLPs after them, not on the logits")
+else:
+    print(f"No finding: the heads write {float(per_head.sum()):+.2f} of the {float(logit_diff):.2f} directly")
 io_pos, s_pos = model.get_token_position(" Mary", prompts[0]), model.get_token_position(" John", prompts[0])
 for layer, head in top_heads:
     att = cache["pattern", layer][:, head, -1]  # from the final position
-    print(f"L{layer}H{head} attends from the end to IO {att[:, io_pos].mean():.2f}, S {att[:, s_pos].mean():.2f}")
+    print(f"L{layer}H{head} attends from the end to IO {att[:, io_pos].mean():.2f}, S1 {att[:, s_pos].mean():.2f}")
 viz.attention_html(model.to_str_tokens(prompts[0]), torch.stack([cache["pattern", la][0, h] for la, h in top_heads]),
                    os.path.join(out_dir, "ioi_top_heads.html"), [f"L{la}H{h}" for la, h in top_heads])
 
 corrupted = [prompts[i ^ 1] for i in range(len(prompts))]  # names in the other order: the answers swap
 patched = activation_patch(model, model.to_tokens(prompts), model.to_tokens(corrupted),
                            metrics.logit_diff(answer_ids[:, 0], answer_ids[:, 1]), kind="resid_pre")
-viz.heatmap(patched.values, patched.rows, model.to_str_tokens(prompts[0]), row_label="layer", col_label="position",
-            title="Patching resid_pre (corrupted -> clean)", path=os.path.join(out_dir, "ioi_patching.png"))
-layer, pos = divmod(int(patched.values.argmax()), patched.values.shape[1])
-print(f"Patching resid_pre restores most at layer {layer}, position {pos} ({model.to_str_tokens(prompts[0])[pos]}) "
-      f"({patched.values.max():.2f} of clean {patched.clean:.2f})")
+patched.cols = [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(prompts[0]))]  # one template: positions align
+patched.plot(os.path.join(out_dir, "ioi_patching.png"),
+             title=f"Patching resid_pre from each prompt (e.g. {prompts[0]!r}) into its name-swapped twin")
+(layer, pos, value), = patched.top(1, by="toward")
+print(f"Patching resid_pre restores most at layer {layer}, position {pos} "
+      f"({value:.2f} of clean {patched.clean:.2f})")

@@ -8,6 +8,7 @@ pyvene-style intervention API.
 
 from hookvene import models
 from hookvene.causal_model import CausalModel
+from hookvene.collect import ActivationShards, collect_activations, load_activations
 from hookvene.components import Site, type_to_dimension_mapping, type_to_module_mapping
 from hookvene.config import IntervenableConfig, RepresentationConfig
 from hookvene.create import create_gpt2, create_gpt2_lm, create_gpt_neo, create_llama, create_t5
@@ -15,12 +16,14 @@ from hookvene.hooks import ActivationCache, HookedModule, HookPoint, act_name
 from hookvene.intervenable import IntervenableModel, IntervenableModelOutput
 from hookvene.interventions import (
     AdditionIntervention,
+    AutoencoderIntervention,
     BasisAgnosticIntervention,
     BoundlessRotatedSpaceIntervention,
     CollectIntervention,
     ConstantSourceIntervention,
     DistributedRepresentationIntervention,
     Intervention,
+    JumpReLUAutoencoderIntervention,
     LambdaIntervention,
     LocalistRepresentationIntervention,
     LowRankRotatedSpaceIntervention,
@@ -67,6 +70,7 @@ from hookvene.models import (
     MLPModel,
     T5Config,
 )
+from hookvene.sae import SAE, SAEConfig, sae_site
 from hookvene.utils import count_parameters, embed_to_distrib, format_token, set_seed, top_vals
 
 __version__ = "0.1.0"

@@ -79,7 +79,7 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def assign(costs: Sequence[float], world: int | None = None) -> list[int]:
+def assign(costs: Sequence[int | float], world: int | None = None) -> list[int]:
     """The rank of each work item: longest first, each to the least loaded rank so far (ties: the lowest rank).
 
     Deterministic, so every rank computes the same assignment without talking to the others. Items keep their

@@ -47,12 +47,18 @@ class StopForward(Exception):
 class HookPoint(nn.Module):
     """Identity on a named activation; attached functions may read or replace it."""
 
+    # A module spliced into this hook (an SAE, `HookedModule.add_sae`): it replaces the activation after the
+    # attached functions ran (they see its input). Kept in the instance dict, not registered as a child, so that it
+    # never enters the model's parameters or state dict; its own hook points are named under this one's name.
+    spliced: nn.Module | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.name = ""  # full module path, filled in by HookedModule.hook_dict
         self.fwd_fns: list[HookFn] = []
         self.bwd_fns: list[HookFn] = []
         self.ctx: dict[str, Any] = {}  # scratch space shared by the functions on this hook
+        self.__dict__["spliced"] = None  # an instance attribute: read on every call, found first
 
     @property
     def step(self) -> int | None:
@@ -65,7 +71,7 @@ class HookPoint(nn.Module):
         return bool(self.fwd_fns or self.bwd_fns)
 
     def __call__(self, x: Tensor, step: int | None = None) -> Tensor:
-        if not self.fwd_fns and not self.bwd_fns:
+        if not self.fwd_fns and not self.bwd_fns and self.spliced is None:
             return x
         with self._at_step(step):
             for fn in self.fwd_fns[:]:  # a snapshot: another thread may attach or detach meanwhile
@@ -75,6 +81,9 @@ class HookPoint(nn.Module):
         if self.bwd_fns and x.requires_grad:
             fns = self.bwd_fns[:]  # the functions attached now, even if removed before backward runs
             x.register_hook(lambda grad: self._run_bwd(fns, grad, step))
+        spliced = self.spliced
+        if spliced is not None:
+            x = spliced(x).to(x.dtype)
         return x
 
     def _run_bwd(self, fns: list[HookFn], grad: Tensor, step: int | None) -> Tensor:
@@ -136,7 +145,8 @@ def unknown_name_error(name: str, valid: Iterable[str], what: str = "hook point"
 
 def _find_hook_points(module: nn.Module, prefix: str, found: dict[str, HookPoint], seen: set[int]) -> None:
     """`named_modules()` restricted to HookPoints, naming each by its first path; about 4x faster, since it runs on
-    every `hook_dict` access (HookPoints have no children, so the walk stops at them)."""
+    every `hook_dict` access (HookPoints have no children, so the walk stops at them, or goes on into a spliced
+    module's hook points: `blocks.0.hook_resid_pre.hook_sae_acts_post`)."""
     for name, child in module.named_children():
         if id(child) in seen:
             continue
@@ -144,6 +154,8 @@ def _find_hook_points(module: nn.Module, prefix: str, found: dict[str, HookPoint
         if isinstance(child, HookPoint):
             child.name = prefix + name
             found[child.name] = child
+            if child.spliced is not None:
+                _find_hook_points(child.spliced, child.name + ".", found, seen)
         else:
             _find_hook_points(child, f"{prefix}{name}.", found, seen)
 
@@ -291,6 +303,110 @@ class HookedModule(nn.Module):
         for key, ts in steps.items():  # per-step activations stacked along a time dim: (batch, time, ...)
             cache[key] = torch.stack(ts, dim=1)
         return out, cache
+
+    # -- modules spliced into hook points: sparse autoencoders (hookvene.sae), SAELens's HookedSAETransformer API --
+
+    @property
+    def acts_to_saes(self) -> dict[str, nn.Module]:
+        """The SAEs spliced in now, by hook name."""
+        return {n: p.spliced for n, p in self.hook_dict.items() if p.spliced is not None}
+
+    def _sae_points(self, saes: "nn.Module | Iterable[nn.Module]") -> list[tuple[HookPoint, nn.Module]]:
+        """Each SAE with the hook point its `cfg.hook_name` names, all checked before any is spliced."""
+        saes = [saes] if isinstance(saes, nn.Module) else list(saes)
+        hd, out = self.hook_dict, []
+        for sae in saes:
+            name = getattr(getattr(sae, "cfg", None), "hook_name", None)
+            if not isinstance(sae, nn.Module) or not isinstance(name, str):
+                raise ValueError(f"cannot splice {type(sae).__name__}: an SAE (hookvene.SAE) whose cfg.hook_name "
+                                 f"names a hook point, e.g. 'blocks.0.hook_resid_pre', is needed; got hook_name "
+                                 f"{name!r}")
+            if name not in hd:
+                raise unknown_name_error(name, hd, "hook point (the SAE's cfg.hook_name)")
+            if any(p is hd[name] for p, _ in out):
+                raise ValueError(f"two SAEs for one hook point {name!r}: splice one SAE per hook")
+            out.append((hd[name], sae))
+        return out
+
+    def add_sae(self, sae: nn.Module, use_error_term: bool | None = None) -> None:
+        """Splice `sae` into the hook point `sae.cfg.hook_name` until `reset_saes()`. The hook's activation becomes
+        `sae(activation)`: the reconstruction, or with `use_error_term` reconstruction plus error, so that the
+        forward is unchanged while the SAE's hook points (`<hook>.hook_sae_acts_post`, ...) show its features.
+        Functions attached to the hook itself see the SAE's input. `use_error_term`, if given, overrides the SAE's
+        own setting while it is spliced. An SAE already at that hook is restored when this one is removed."""
+        ((point, sae),) = self._sae_points([sae])
+        _splice(point, sae, use_error_term)
+
+    def reset_saes(self, act_names: str | Iterable[str] | None = None) -> None:
+        """Remove every SAE spliced at these hooks (default: all), restoring each SAE's own `use_error_term`."""
+        spliced = {n: p for n, p in self.hook_dict.items() if p.spliced is not None}
+        names = list(spliced) if act_names is None else [act_names] if isinstance(act_names, str) else list(act_names)
+        missing = [n for n in names if n not in spliced]
+        if missing:
+            raise ValueError(f"no SAE is spliced at {missing}; spliced now: {sorted(spliced) or 'none'}")
+        for n in names:
+            while spliced[n].spliced is not None:
+                _unsplice(spliced[n])
+
+    @contextmanager
+    def saes(self, saes: "nn.Module | Iterable[nn.Module]" = (), reset_saes_end: bool = True,
+             use_error_term: bool | None = None) -> Iterator["HookedModule"]:
+        """Splice SAEs for the duration of a `with` block; on exit (even on error) exactly these are removed and
+        whatever was spliced before is back (`reset_saes_end=False` leaves them in)."""
+        done: list[HookPoint] = []
+        try:
+            for point, sae in self._sae_points(saes):
+                _splice(point, sae, use_error_term)
+                done.append(point)
+            yield self
+        finally:
+            if reset_saes_end:
+                for point in reversed(done):
+                    _unsplice(point)
+
+    def run_with_saes(self, *args: Any, saes: "nn.Module | Iterable[nn.Module]" = (), reset_saes_end: bool = True,
+                      use_error_term: bool | None = None, **kwargs: Any) -> Any:
+        """One forward pass with `saes` spliced in."""
+        with self.saes(saes, reset_saes_end, use_error_term):
+            return self(*args, **kwargs)
+
+    def run_with_cache_with_saes(self, *args: Any, saes: "nn.Module | Iterable[nn.Module]" = (),
+                                 reset_saes_end: bool = True, use_error_term: bool | None = None,
+                                 **kwargs: Any) -> tuple[Any, "ActivationCache"]:
+        """`run_with_cache` with `saes` spliced in: the SAEs' hook points can be cached (`names_filter`) like any."""
+        with self.saes(saes, reset_saes_end, use_error_term):
+            return self.run_with_cache(*args, **kwargs)
+
+    def run_with_hooks_with_saes(self, *args: Any, saes: "nn.Module | Iterable[nn.Module]" = (),
+                                 fwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (),
+                                 bwd_hooks: Iterable[tuple[NamesFilter, HookFn]] = (), reset_saes_end: bool = True,
+                                 use_error_term: bool | None = None, **kwargs: Any) -> Any:
+        """`run_with_hooks` with `saes` spliced in: hooks may name the SAEs' hook points."""
+        with self.saes(saes, reset_saes_end, use_error_term):
+            return self.run_with_hooks(*args, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, **kwargs)
+
+
+def _splice(point: HookPoint, module: nn.Module, use_error_term: bool | None) -> None:
+    """Splice `module` into `point`, remembering what to restore: the module spliced before, and the new module's
+    own `use_error_term` when this splice overrides it."""
+    with _LOCK:
+        own = getattr(module, "use_error_term", None) if use_error_term is not None else None
+        point.__dict__.setdefault("splice_stack", []).append((point.spliced, module, own))
+        if use_error_term is not None:
+            module.use_error_term = use_error_term
+        point.__dict__["spliced"] = module
+
+
+def _unsplice(point: HookPoint) -> None:
+    """Undo the latest `_splice` on `point`."""
+    with _LOCK:
+        prev, module, own = point.__dict__["splice_stack"].pop()
+        if own is not None:
+            module.use_error_term = own
+        if prev is None:
+            point.__dict__.pop("spliced", None)
+        else:
+            point.__dict__["spliced"] = prev
 
 
 # TransformerLens's activation shorthands (`utils.get_act_name`): short name -> the sublayer it lives in.

@@ -435,6 +435,118 @@ class SigmoidMaskIntervention(TemperatureMixin, TrainableIntervention, LocalistR
         return (1 - m) * base + m * source
 
 
+class AutoencoderLayer(nn.Module):
+    """pyvene's autoencoder (same module names, so its state dicts load): z = relu((x - b_dec) W_enc^T + b_enc),
+    x' = z W_dec^T + b_dec, with `encoder[0]` / `decoder[0]` the two Linear layers (b_dec is `decoder[0].bias`)."""
+
+    def __init__(self, input_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.input_dim, self.latent_dim = input_dim, latent_dim
+        self.encoder = nn.Sequential(nn.Linear(input_dim, latent_dim, bias=True), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, input_dim, bias=True))
+
+    def encode(self, x: Tensor) -> Tensor:
+        x = x.to(self.encoder[0].weight.dtype)
+        return self.encoder(x - self.decoder[0].bias)
+
+    def decode(self, latent: Tensor) -> Tensor:
+        return self.decoder(latent)
+
+    def forward(self, base: Tensor) -> dict[str, Tensor]:
+        latent = self.encode(base)
+        return {"latent": latent, "output": self.decode(latent)}
+
+
+def _positive(kwargs: dict[str, Any], key: str, name: str) -> int:
+    v = kwargs.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} needs {key}, a positive int (the SAE's number of features), got {v!r}")
+    return v
+
+
+class AutoencoderIntervention(TrainableIntervention):
+    """pyvene's: encode base and source with an autoencoder (`latent_dim` features), give the base the source's
+    latents at the selected features, decode: out = dec(z_b with [F] <- z_s[F]). The output is the reconstruction
+    (no error term). Features F: `subspaces` (feature indices per example), else `interchange_dim` as pyvene uses
+    it, an index into the latents (`set_interchange_dim(torch.tensor([3, 7]))` picks features 3 and 7). Like
+    pyvene's, selected units are flattened first, so embed_dim = width x max_number_of_units."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.autoencoder = AutoencoderLayer(_need_embed_dim(kwargs, type(self).__name__),
+                                            _positive(kwargs, "latent_dim", type(self).__name__))
+
+    def set_interchange_dim(self, interchange_dim: int | list[int] | Tensor) -> None:
+        self.interchange_dim = interchange_dim
+
+    def settings(self) -> dict[str, Any]:
+        dim = self.interchange_dim
+        return {"interchange_dim": dim.tolist() if isinstance(dim, Tensor) else dim}
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        zb, zs = self.autoencoder.encode(base), self.autoencoder.encode(source)
+        if subspaces is not None:
+            mask = self.subspace_mask(zb, subspaces)
+            mixed = zs if mask is None else torch.where(mask, zs, zb)
+        else:
+            mixed = zb.clone()
+            sel = self.interchange_dim
+            sel = torch.as_tensor(sel, device=zb.device) if isinstance(sel, list | tuple) else sel
+            mixed[..., sel] = zs[..., sel]
+        return self.autoencoder.decode(mixed).to(base.dtype)
+
+
+class JumpReLUAutoencoderIntervention(TrainableIntervention):
+    """pyvene's JumpReLU SAE (Gemma Scope's format, `low_rank_dimension` features): z = relu(pre) * (pre > threshold)
+    with pre = x W_enc + b_enc; the base takes the source's latents at the selected features (`subspaces`, else
+    the first `interchange_dim`); out = z W_dec + b_dec (the reconstruction, no error term). Parameters start at
+    zero, to be loaded: `load_sae(sae)` copies a hookvene/SAELens SAE in. Acts on each unit separately."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{**kwargs, "keep_last_dim": True})
+        d, k = _need_embed_dim(kwargs, type(self).__name__), _positive(kwargs, "low_rank_dimension",
+                                                                     type(self).__name__)
+        self.W_enc = nn.Parameter(torch.zeros(d, k))
+        self.W_dec = nn.Parameter(torch.zeros(k, d))
+        self.threshold = nn.Parameter(torch.zeros(k))
+        self.b_enc = nn.Parameter(torch.zeros(k))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
+        return (pre > self.threshold) * torch.relu(pre)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def load_sae(self, sae: nn.Module) -> "JumpReLUAutoencoderIntervention":
+        """Copy a hookvene `SAE` in (standard or jumprelu, no activation normalisation). `apply_b_dec_to_input` is
+        folded into b_enc, (x - b_dec) W_enc + b_enc = x W_enc + (b_enc - b_dec W_enc), so the maths is exact."""
+        cfg = sae.cfg
+        if cfg.architecture not in ("standard", "jumprelu") or cfg.normalize_activations not in (
+                "none", "expected_average_only_in") or cfg.reshape_activations != "none":
+            raise ValueError(f"JumpReLUAutoencoderIntervention computes relu/jumprelu SAEs without activation "
+                             f"normalisation or reshaping; this SAE is {cfg.architecture!r} with normalize_activations="
+                             f"{cfg.normalize_activations!r}, reshape_activations={cfg.reshape_activations!r}")
+        if tuple(self.W_enc.shape) != (cfg.d_in, cfg.d_sae):
+            raise ValueError(f"this intervention is {tuple(self.W_enc.shape)} (embed_dim, low_rank_dimension) but the "
+                             f"SAE has d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+        b_enc = sae.b_enc - sae.b_dec @ sae.W_enc if cfg.apply_b_dec_to_input else sae.b_enc
+        for name, value in (("W_enc", sae.W_enc), ("W_dec", sae.W_dec), ("b_enc", b_enc), ("b_dec", sae.b_dec)):
+            getattr(self, name).copy_(value)
+        self.threshold.copy_(sae.threshold if cfg.architecture == "jumprelu" else torch.zeros_like(self.threshold))
+        return self
+
+    def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
+        source = self.resolve_source(base, source)
+        zb, zs = self.encode(base), self.encode(source)
+        mask = self.subspace_mask(zb, subspaces)
+        mixed = zs if mask is None else torch.where(mask, zs, zb)
+        return self.decode(mixed).to(base.dtype)
+
+
 class LambdaIntervention(Intervention):
     """Wraps a plain function `f(base, source)` or `f(base, source, subspaces)`; it gets no flattening."""
 

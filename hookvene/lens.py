@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from hookvene.factored_matrix import FactoredMatrix
 from hookvene.hooks import HookedModule
+from hookvene.utils import warn_unknown_tokens
 
 Text = str | Sequence[str]
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -83,6 +84,7 @@ class LensModel(HookedModule):
         enc_dec = getattr(self, "is_encoder_decoder", False)
         prepend = (self.default_prepend_bos and not enc_dec) if prepend_bos is None else prepend_bos
         rows = [list(tok(t, add_special_tokens=enc_dec)["input_ids"]) for t in texts]
+        warn_unknown_tokens(tok, torch.tensor([i for r in rows for i in r], dtype=torch.long), "the text")
         if prepend:
             bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
             if bos is None:

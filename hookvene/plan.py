@@ -296,6 +296,8 @@ class Plan:
             view = to_view(site, x)
             base = _gather(view, plan.base_sel, slot, what)
             source = plan.given if plan.feed == "given" else plan.store.get(None)
+            if isinstance(source, Tensor):  # read on another device (a model across GPUs, or given on the CPU)
+                source = source.to(view.device)
             new = _apply(slot, base, source, plan.subspaces, plan.base_sel is not None)
             if isinstance(iv, CollectIntervention):
                 collected.append(new)

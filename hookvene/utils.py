@@ -25,7 +25,10 @@ def warn_unknown_tokens(tokenizer: Any, ids: Tensor, where: str = "the input") -
     """Warn when token ids contain the tokenizer's unknown token: a word outside its vocabulary was replaced, and
     every activation after it describes a different text (the bundled ioi-gpt2 knows only 96 words)."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None or not bool((torch.as_tensor(ids) == unk).any()):
+    # GPT-2's byte-level tokenizer names <|endoftext|> as its unknown token too, though it never produces it for a
+    # word: a BOS there is not an unknown word.
+    shared = {getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    if unk is None or unk in shared or not bool((torch.as_tensor(ids) == unk).any()):
         return
     warnings.warn(f"{where} contains {tokenizer.unk_token!r} (id {unk}): words outside this tokenizer's vocabulary "
                   f"were replaced by it, so the model sees a different text than the one written", stacklevel=3)

@@ -8,6 +8,7 @@ One mutant at a time (`--max-children 1`), torch on one thread.
     python mutation/run_mutants.py                      # every group, then the report
     python mutation/run_mutants.py loading interventions
     python mutation/run_mutants.py --rerun loading      # refresh tests in the existing copy, rerun its survivors
+    python mutation/run_mutants.py --resume loading     # continue an interrupted run (results are kept per mutant)
     python mutation/run_mutants.py --report-only        # rebuild REPORT.md from the copies' results
 
 What mutmut 3 mutates: the bodies of top-level functions and methods (numbers, strings, operators, comparisons,
@@ -46,7 +47,8 @@ GROUPS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     ),
     "interventions": (
         ["hookvene/interventions.py"],
-        ["tests/test_interventions.py", "tests/test_serialization.py", "tests/test_mutants_interventions.py"],
+        ["tests/test_interventions.py", "tests/test_serialization.py", "tests/test_sae.py",
+         "tests/test_mutants_interventions.py"],
         None,
     ),
     "locations": (
@@ -72,7 +74,7 @@ GROUPS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     ),
     "generate": (
         ["hookvene/generate.py", "hookvene/models/common.py"],
-        ["tests/test_generate.py", "tests/test_mutants_generate.py"],
+        ["tests/test_generate.py", "tests/test_rare_paths.py", "tests/test_mutants_generate.py"],
         # the decoding loop's helpers in models/common.py (`generate` itself is decorated: mutmut skips it)
         ["hookvene.generate.*", "hookvene.models.common.x_new_token_count__mutmut_*",
          "hookvene.models.common.x_pick_next__mutmut_*"],
@@ -142,20 +144,62 @@ def statuses(work: Path, files: list[str], globs: list[str] | None) -> dict[str,
     return out
 
 
+def results(workdir: Path, group: str) -> dict[str, str]:
+    """The group's results: the last full run, overlaid with every later rerun (mutmut's own files keep only the
+    mutants of its last run), saved as <workdir>/<group>.results.json."""
+    files, _, globs = GROUPS[group]
+    path = workdir / f"{group}.results.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    for name, status in statuses(workdir / group, files, globs).items():
+        if status != "not checked" or name not in out:
+            out[name] = status
+    return out
+
+
+def save_results(workdir: Path, group: str, first: bool) -> None:
+    merged = results(workdir, group)
+    (workdir / f"{group}.results.json").write_text(json.dumps(merged, indent=1))
+    if first:  # the suite's own score, before tests written for this group's survivors
+        (workdir / f"{group}.before.json").write_text(json.dumps(merged, indent=1))
+
+
 def _fnmatch(name: str, glob: str) -> bool:
     import fnmatch  # noqa: PLC0415
 
     return fnmatch.fnmatchcase(name, glob)
 
 
-def run_group(group: str, workdir: Path, rerun: bool) -> None:
+DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+out = {}
+for name in json.load(sys.stdin):
+    try:
+        out[name] = get_diff_for_mutant(name)
+    except Exception as e:  # a mutant of a file changed since the run
+        out[name] = f"(no diff: {e})"
+print(json.dumps(out))
+"""
+
+
+def diffs(work: Path, names: list[str]) -> dict[str, str]:
+    """mutant name -> its diff, from one process (`mutmut show` per mutant costs a second each)."""
+    if not names:
+        return {}
+    r = subprocess.run([sys.executable, "-c", DIFFS], cwd=work, env=env(), input=json.dumps(names),
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout)
+
+
+def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False) -> None:
     files, tests, globs = GROUPS[group]
     work = workdir / group
     log = workdir / f"{group}.log"
     start = time.time()
     if rerun and (work / "mutants").exists():
-        before = statuses(work, files, globs)
-        survivors = sorted(n for n, s in before.items() if s not in DETECTED)
+        survivors = sorted(n for n, s in results(workdir, group).items() if s not in DETECTED)
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests")
         write_config(work, files, tests)
@@ -164,12 +208,20 @@ def run_group(group: str, workdir: Path, rerun: bool) -> None:
             return
         print(f"[{group}] rerunning {len(survivors)} survivors (log: {log})")
         mutmut(work, "run", "--max-children", "1", *survivors, log=log)
+        save_results(workdir, group, first=False)
+    elif resume and (work / "mutants").exists():
+        print(f"[{group}] continuing the unfinished run in {work} (log: {log})")
+        mutmut(work, "run", "--max-children", "1", *(globs or []), log=log)
+        save_results(workdir, group, first=True)
     else:
         copy_tree(work)
         write_config(work, files, tests)
         log.write_text("")
         print(f"[{group}] mutating {', '.join(files)}; tests {', '.join(tests)} (copy: {work}, log: {log})")
+        for f in (workdir / f"{group}.results.json", workdir / f"{group}.before.json"):
+            f.unlink(missing_ok=True)
         mutmut(work, "run", "--max-children", "1", *(globs or []), log=log)
+        save_results(workdir, group, first=True)
     print(f"[{group}] done in {time.time() - start:.0f} s")
 
 
@@ -180,32 +232,38 @@ def report(workdir: Path, out: Path) -> None:
         for m in re.finditer(r"^- `([^`]+)`:\s*(.+)$", eq.read_text(), re.M):
             notes[m.group(1)] = m.group(2)
     lines = ["# Mutation testing report (mutmut 3; `make mutants`, see mutation/run_mutants.py)", "",
-             "Kill rate = mutants detected (killed, or timed out) / mutants run, per module. A survivor either is "
-             "listed in mutation/equivalent.md with the reason it cannot change a result, or needs a test.", "",
-             "| module | mutants | detected | survived | no test ran | equivalent (noted) | kill rate | "
-             "kill rate, equivalents excluded |", "|---|---|---|---|---|---|---|---|"]
+             "Kill rate = mutants detected (killed, or timed out) / mutants run, per module. *Before*: the suite "
+             "without the tests written for survivors (tests/test_mutants_*.py) on the group's first full run; "
+             "*after*: with them (survivors rerun). A survivor either is listed in mutation/equivalent.md with the "
+             "reason it cannot change a result, or needs a test.", "",
+             "| module | mutants run | kill rate before | detected | survived | no test ran | equivalent (noted) | "
+             "kill rate | kill rate, equivalents excluded |", "|---|---|---|---|---|---|---|---|---|"]
     details = []
-    for group, (files, _, globs) in GROUPS.items():
+    for group, (files, _, _) in GROUPS.items():
         work = workdir / group
         if not (work / "mutants").exists():
             continue
-        st = statuses(work, files, globs)
+        st = results(workdir, group)
+        first_path = workdir / f"{group}.before.json"
+        first = json.loads(first_path.read_text()) if first_path.exists() else st
         for f in files:
             prefix = f.removesuffix(".py").replace("/", ".") + "."
             mine = {n: s for n, s in st.items() if n.startswith(prefix) and s != "not checked"}
             if not mine:
                 continue
+            old = [s for n, s in first.items() if n.startswith(prefix) and s != "not checked"]
             c = Counter(mine.values())
             det = sum(c[s] for s in DETECTED)
             alive = sorted(n for n, s in mine.items() if s not in DETECTED)
             equiv = [n for n in alive if n in notes]
             rate = det / len(mine)
             rate_eq = det / max(len(mine) - len(equiv), 1)
-            lines.append(f"| {f} | {len(mine)} | {det} | {c['survived']} | {c['no tests']} | {len(equiv)} | "
-                         f"{100 * rate:.1f}% | {100 * rate_eq:.1f}% |")
+            before = f"{100 * sum(s in DETECTED for s in old) / len(old):.1f}% ({len(old)} run)" if old else "not run"
+            lines.append(f"| {f} | {len(mine)} | {before} | {det} | {c['survived']} | "
+                         f"{c['no tests']} | {len(equiv)} | {100 * rate:.1f}% | {100 * rate_eq:.1f}% |")
+            shown = diffs(work, alive)
             for n in alive:
-                diff = mutmut(work, "show", n).stdout.strip()
-                diff = "\n".join(diff.splitlines()[1:])  # drop mutmut's "# name: status" line
+                diff = "\n".join(shown[n].splitlines()[2:])  # drop the ---/+++ file lines
                 why = f"equivalent: {notes[n]}" if n in notes else "NOT EXPLAINED (needs a test or a note)"
                 details += [f"### `{n}` ({mine[n]}; {why})", "", "```diff", diff, "```", ""]
     lines += ["", "## Surviving mutants", ""] + (details or ["None."])
@@ -218,6 +276,7 @@ def main() -> None:
     ap.add_argument("groups", nargs="*", help=f"groups to run (default: all): {', '.join(GROUPS)}")
     ap.add_argument("--workdir", default="/tmp/hookvene-mutants", type=Path)
     ap.add_argument("--rerun", action="store_true", help="rerun only the survivors, with the current tests")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run in the existing copy")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--report", default=ROOT / "mutation" / "REPORT.md", type=Path)
     args = ap.parse_args()
@@ -226,7 +285,7 @@ def main() -> None:
         ap.error(f"unknown groups {sorted(unknown)}; groups: {', '.join(GROUPS)}")
     if not args.report_only:
         for group in args.groups or GROUPS:
-            run_group(group, args.workdir, args.rerun)
+            run_group(group, args.workdir, args.rerun, args.resume)
     report(args.workdir, args.report)
 
 

@@ -1,21 +1,38 @@
-"""Train the bundled teaching model ``hookvene/zoo/induction-gpt2``: a 2-layer GPT-2 that forms induction heads.
+"""Train a 2-layer GPT-2 meant to form induction heads, for ``hookvene/zoo/induction-gpt2`` (not shipped yet).
 
-Usage (from the repository root; about two minutes on one CPU thread)::
+Usage (from the repository root; about four minutes of CPU time on one thread)::
 
-    python scripts/train_induction_model.py
+    python scripts/train_induction_model.py --out DIR
+
+STATUS: no recipe tried so far forms the induction circuit within this budget, so nothing is bundled yet and
+``--out`` has no default. Measured (seed 0, repeated-half loss on ``<bos> A A`` with |A| = 20; chance is 4.61):
+
+- ``<bos> A A`` rows only (no prefix R), L 4..24, 2400 steps: 0.064, but through the shortcut described below
+  (induction score of the best layer-1 head 0.005; ``hookvene induction`` reports "found: no").
+- with the prefix R, L 4..24, a quarter plain rows: 4.34 after 1800 steps, 4.02 after 3800; no head attends to the
+  previous token (scores <= 0.09) at 2400 steps. d_model 64 at learning rate 3e-3: 4.61 after 1100 steps.
+- with the prefix R, L 12..24, a tenth plain rows (the defaults below): 3.54 to 3.69 from step 1600 to 1800, no
+  previous-token head at step 1500; at learning rate 2e-3, 4.34 after 900 steps. Not run further.
+
+What is missing is an early reward for a previous-token head: on random tokens it pays off only together with an
+induction head, so the loss sits on a plateau (copying any token seen before) for thousands of steps.
 
 The model is a ``transformers.GPT2LMHeadModel`` over a vocabulary of 100 syllables ("ba", "be", ... "zu"). It is
-trained with the ordinary next-token loss on sequences of random tokens whose second half repeats the first
-(``<bos> A A``, A being L distinct random syllables), three rows in four, and on plain random sequences (syllables
-drawn independently, so a token may recur without what follows it recurring), one row in four. Nothing in a first
-half can be predicted; everything in a repeated half after its first token can, by looking up where the current
-token occurred before and copying the token that followed it. That is the induction circuit: a previous-token
-head in layer 0 and an induction head in layer 1 that finds its source by K-composition with it.
+trained with the ordinary next-token loss on 49-token sequences. Nine rows in ten end in random tokens whose
+second half repeats the first (``<bos> R A A``: A is L distinct random syllables, L from 12 to 24 drawn per row, and
+R random syllables fill the rest); one row in ten is plain random syllables (drawn independently, so a token may
+recur without what follows it recurring). Nothing in a first half can be predicted; everything in a repeated half
+after its first token can, by looking up where the current token occurred before and copying the token that
+followed it. That is the induction circuit: a previous-token head in layer 0 and an induction head in layer 1 that
+finds its source by K-composition with it.
 
-The half length L is drawn per batch (all rows of a batch have the same length, so there is no padding), from 4
-to 31: with a fixed L the model could solve the task with a head that attends a fixed distance back instead.
+The random prefix R matters. Trained on ``<bos> A A`` alone (A always starting at position 1), the model found a
+positional shortcut instead: layer-0 heads attending to position q / 2 stored pairs of neighbouring first-half
+tokens, which layer 1 read. With R, the repeat starts at a different position in every row, so only a lookup by
+content works.
 
-Everything is seeded and runs on one CPU thread, so a rerun writes byte-identical files (same torch build). The
+Everything is seeded and runs on one CPU thread, so a rerun writes byte-identical files (same torch build; checked
+on two full 2400-step runs of the first recipe, and two 100-step runs of this one with different ``--out``). The
 report, ``<out>/training_report.json``, holds only deterministic numbers; the wall time is printed.
 """
 
@@ -43,8 +60,8 @@ from hookvene.experiments.induction import half_losses, random_tokens  # noqa: E
 BOS = "<|endoftext|>"  # GPT-2 convention: one token serves as bos and eos
 PAD, UNK = "<pad>", "<unk>"
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwxyz" for v in "aeiou"]  # 100 readable one-token "words"
-N_POSITIONS = 64
-MIN_HALF, MAX_HALF = 4, 31  # 1 + 2 * 31 = 63 tokens fit the 64 positions
+MIN_HALF, MAX_HALF = 12, 24
+N_POSITIONS = 1 + 2 * MAX_HALF  # the longest training sequence: <bos> A A with |A| = 24
 EVAL_SEED = 12345  # seed of the evaluation batch; the zoo test samples with EVAL_SEED + 1
 EVAL_HALF = 20
 
@@ -67,11 +84,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def training_batch(vocab: torch.Tensor, bos: int, batch_size: int, plain_fraction: float,
                    generator: torch.Generator) -> torch.Tensor:
-    """One batch: the half length L for the whole batch, then repeated rows and plain random rows, shuffled."""
-    half = int(torch.randint(MIN_HALF, MAX_HALF + 1, (1,), generator=generator))
+    """One batch of rows `<bos>` + 2 * MAX_HALF tokens, in random order: plain rows are random tokens; repeated rows
+    are `<bos> R A A`, |A| = L drawn per row, R random tokens filling the rest (none when L = MAX_HALF)."""
     n_plain = round(batch_size * plain_fraction)
-    rows = torch.cat([random_tokens(vocab, batch_size - n_plain, half, bos, generator, repeat=True),
-                      random_tokens(vocab, n_plain, half, bos, generator, repeat=False)])
+    rows = random_tokens(vocab, batch_size, MAX_HALF, bos, generator, repeat=False)
+    for i, half in enumerate(torch.randint(MIN_HALF, MAX_HALF + 1, (batch_size - n_plain,), generator=generator)):
+        rows[i, -2 * half:] = random_tokens(vocab, 1, int(half), bos, generator)[0, 1:]
     return rows[torch.randperm(batch_size, generator=generator)]
 
 
@@ -90,14 +108,17 @@ def evaluate(model: GPT2LMHeadModel, tokens: torch.Tensor, plain: torch.Tensor) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "hookvene" / "zoo" / "induction-gpt2")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="checkpoint directory (hookvene/zoo/induction-gpt2 once a recipe forms the circuit)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--decay-steps", type=int, default=400, help="the last steps, where lr decays linearly to 10%%")
+    parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--plain-fraction", type=float, default=0.25, help="share of plain random rows per batch")
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--plain-fraction", type=float, default=0.1, help="share of plain random rows per batch")
+    parser.add_argument("--eval-every", type=int, default=200)
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -128,13 +149,17 @@ def main() -> None:
     eval_plain = random_tokens(vocab, 500, EVAL_HALF, bos, eval_gen, repeat=False)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
-    warmup = max(1, args.steps // 20)
+    decay_start = args.steps - args.decay_steps
 
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, args.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    # Linear warm-up, a constant rate, then a linear decay to 10%. The rate stays high until the end on purpose:
+    # the loss sits on a plateau (the model only copies tokens seen anywhere before) for about 1400 steps, until
+    # the previous-token and induction heads form together, and a decaying rate would stretch that plateau.
+    def lr_factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        if step < decay_start:
+            return 1.0
+        return 1.0 - 0.9 * (step - decay_start) / max(1, args.decay_steps)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     curve = []
@@ -165,14 +190,19 @@ def main() -> None:
     tok_config_path.write_text(json.dumps(tok_config, indent=2) + "\n")
 
     report = {
-        "command": "python scripts/train_induction_model.py" + "".join(f" {a}" for a in sys.argv[1:]),
+        # where the files go is not part of the recipe: a run with another --out writes byte-identical files
+        "command": "python scripts/train_induction_model.py" + "".join(
+            f" {a}" for a in sys.argv[1:] if a != "--out" and not a.startswith("--out=") and a != str(args.out)),
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
+        "decay_steps": args.decay_steps,
         "weight_decay": args.weight_decay,
         "plain_fraction": args.plain_fraction,
         "half_length_range": [MIN_HALF, MAX_HALF],
+        "sequence_length": N_POSITIONS,
         "threads": 1,
         "n_params": n_params,
         "n_params_attention": n_attn,

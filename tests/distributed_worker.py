@@ -37,10 +37,19 @@ def sweeps(model) -> dict[str, torch.Tensor]:
     return out
 
 
+COLLECT_HOOKS = ["blocks.0.hook_resid_post", "blocks.2.mlp.hook_post"]
+COLLECT_PROMPTS = [list(range(1 + i % 5, 4 + i % 7)) for i in range(9)]  # 9 prompts of 2 to 8 tokens
+
+
+def collect(model, out: str) -> None:
+    pv.collect_activations(model, COLLECT_PROMPTS, COLLECT_HOOKS, batch_size=2, out=out, rows_per_shard=6)
+
+
 def main(checkpoint: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     distributed.init_from_env()
     model = pv.from_pretrained(checkpoint)
+    collect(model, os.path.join(out_dir, "acts"))  # every rank writes its share of the batches into one folder
     results = sweeps(model)
     if distributed.is_distributed():
         with distributed.local():  # each rank alone: the same values, computed without the others

@@ -5,6 +5,7 @@ Nothing here depends on the bundled model's exact numbers (it may be retrained).
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +236,120 @@ def test_python_m_hookvene_reports_bad_input_on_stderr(tmp_path):
     assert "does not occur in the prompt" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing written for a bad call
+
+
+# -- help, version, exit codes, --tokenizer, threads (issue 15) ------------------------------------------------------
+
+SUBCOMMANDS = ["ioi", "trace", "patch", "info", "induction"]
+
+
+def help_of(argv: list[str], capsys) -> str:
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as e:
+        mp.setenv("COLUMNS", "400")  # no line wrapping (argparse also breaks words at hyphens)
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """{invocation: help} for each argument in an argparse help text (an entry may continue on indented lines)."""
+    entries: list[str] = []
+    for line in text.split("\n\n", 1)[1].splitlines():  # after the usage
+        if re.match(r"  \S", line):
+            entries.append(line)
+        elif line.startswith("    ") and entries:
+            entries[-1] += "\n" + line
+    parsed = [re.match(r"  (.+?)(?: {2,}|\n\s+|$)(.*)", e, flags=re.S) for e in entries]
+    return {m.group(1): " ".join(m.group(2).split()) for m in parsed}
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_has_a_line_and_the_default_for_every_option(command, capsys):
+    text = help_of([command], capsys)
+    usage = " ".join(text.split("\n\n")[0].split())
+    entries = {k: v for k, v in help_entries(text).items() if not k.startswith("-h")}
+    assert entries
+    for invocation, help_text in entries.items():
+        assert help_text, f"{command} {invocation} has no help line"
+        if f"[{invocation}]" in usage:  # optional: the help says what it defaults to
+            assert "default" in help_text, (command, invocation, help_text)
+    assert "(default: None)" not in text  # where nothing is the default, the help says what happens then
+
+
+def test_help_shows_the_main_options(capsys):
+    text = help_of([], capsys)
+    assert "--version" in text and "--threads" in text and "by default 1 for models under 20M parameters" in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert re.fullmatch(r"hookvene \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+
+
+def test_usage_errors_exit_2_and_runtime_errors_exit_1_with_one_prefix(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["trace", "--prompt", CLEAN])  # missing --subject and --target: a usage error
+    assert e.value.code == 2
+    assert "hookvene trace: error: the following arguments are required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a runtime error: the subject is not in the prompt
+        main(["trace", "--prompt", CLEAN, "--subject", "Alice", "--target", " Mary", "--out", str(tmp_path)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.startswith("hookvene trace: error: subject 'Alice' does not occur")
+    with pytest.raises(SystemExit) as e:
+        main(["patch", "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " Zorblax",
+              "--out", str(tmp_path)])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.startswith("hookvene patch: error: ' Zorblax' is not in this tokenizer's vocabulary")
+
+
+def test_tokenizer_option_for_a_directory_without_tokenizer_files(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "hookvene" / "zoo" / "ioi-gpt2")
+    weights = save_checkpoint(tiny_gpt2(tokenizer, n_positions=32), None, str(tmp_path / "weights_only"))
+    said = fails(["trace", "--model", weights, "--prompt", CLEAN, "--subject", "Mary", "--target", " Mary",
+                  "--out", str(tmp_path)], capsys)
+    assert "pass --tokenizer" in said
+    main(["trace", "--model", weights, "--tokenizer", "ioi-gpt2", "--prompt", CLEAN, "--subject", "Mary",
+          "--target", " Mary", "--samples", "2", "--out", str(tmp_path)])
+    assert "causal_trace:resid_post (prob)" in capsys.readouterr().out
+
+
+def test_small_models_run_on_one_thread_by_default(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        main(["ioi", "--n", "4", "--out", str(tmp_path)])
+        assert "(1 thread)" in capsys.readouterr().out
+        main(["--threads", "2", "ioi", "--n", "4", "--out", str(tmp_path)])
+        assert "(2 threads)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_warnings_carry_the_command_prefix(tmp_path, capsys):
+    main(["patch", "--clean", "Then, Mary and Zorblax went to the store. Zorblax gave a drink to", "--corrupted",
+          "Then, Alice and Zorblax went to the store. Zorblax gave a drink to", "--answer", " Mary", "--wrong",
+          " Alice", "--kind", "attn_layer", "--out", str(tmp_path)])
+    assert "hookvene patch: warning: the clean input contains '<unk>'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["trace", "patch"])
+def test_figure_titles_name_the_prompt_and_the_metric(command, tmp_path, capsys, monkeypatch):
+    titles = []
+    plot = SweepResult.plot
+
+    def keep(self, path=None, title=None, **kwargs):
+        titles.append(title)
+        return plot(self, path, title, **kwargs)
+    monkeypatch.setattr(SweepResult, "plot", keep)
+    if command == "trace":
+        main(["trace", "--prompt", CLEAN, "--subject", "Mary", "--target", " Mary", "--samples", "2",
+              "--out", str(tmp_path)])
+        assert titles[0].startswith(f"P(' Mary') after {CLEAN!r}") and "clean 0.99" in titles[0]
+    else:
+        main(["patch", "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " Alice",
+              "--out", str(tmp_path)])
+        assert titles[0].startswith(f"logit(' Mary') - logit(' Alice') after {CLEAN!r}")
+        assert repr(CORRUPTED) in titles[0]

@@ -15,7 +15,7 @@ import torch
 
 import hookvene as pv
 from hookvene import distributed
-from tests.distributed_worker import sweeps
+from tests.distributed_worker import COLLECT_HOOKS, collect, sweeps
 from tests.helpers import save_checkpoint, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,17 @@ def test_two_gloo_ranks_return_the_single_process_result(checkpoint, tmp_path):
         assert (ranks[0][name] - want).abs().max() <= 1e-6, name
         if not name.startswith("attribution"):  # whole passes per rank: the same arithmetic as one process
             assert torch.equal(ranks[0][name], want), name
+    # activation collection: both ranks wrote shards into one folder; together they hold each row of the
+    # single-process collection once (the same batches, so the same values)
+    model = pv.from_pretrained(checkpoint)
+    collect(model, str(tmp_path / "single"))
+    two, one = (pv.load_activations(str(tmp_path / d)) for d in ("acts", "single"))
+    assert {p.split("-")[0][-5:] for p in map(os.path.basename, two.shards)} == {"00000", "00001"}
+    rows_two, rows_one = (
+        {k: torch.cat([s[k] for s in store]) for k in ["example", "position", *COLLECT_HOOKS]} for store in (two, one))
+    order = torch.argsort(rows_two["example"] * 1000 + rows_two["position"])
+    for k, v in rows_one.items():
+        assert torch.equal(rows_two[k][order], v), k
     for r in (0, 1):
         assert torch.equal(ranks[r]["local:patch:heads"], single["patch:heads"])
         assert "needs the same arguments on every rank" in ranks[r]["mismatch"]

@@ -1,11 +1,13 @@
 """The tutorial scripts in examples/ run end to end on the bundled model (offline) and write their outputs.
 
 Each script checks its own results (pyvene-style loop == experiments toolkit, etc.) with asserts, so exit code 0
-means those checks passed; here we also look for a key line of output and the figure. No numbers from the bundled
-model are checked: its weights may be retrained.
+means those checks passed; here we also look for key lines of output and the figure, and assert the finding each
+script prints on the bundled model (`FINDINGS`): a tutorial whose method finds nothing must fail here, not print
+"0.0%" and exit 0.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,21 +21,82 @@ EXAMPLES = ROOT / "examples"
 CASES = {
     "01_activation_patching.py": (["patched L1 block_output @ pos", "pyvene-style loop and activation_patch agree"],
                                   ["activation_patching.png"]),
-    "02_causal_tracing.py": (["Clean P(Mary)", "Most critical layers", "pyvene-style loop and causal_trace agree"],
+    "02_causal_tracing.py": (["Clean P(Mary)", "Finding: the answer leaves the IO name within layer 0",
+                              "pyvene-style loop and causal_trace agree"],
                              ["causal_tracing.png"]),
-    "03_das_training.py": (["IIA after training", "Learned rotation shape: (", "matches b + ((s - b) . w) w"],
+    "03_das_training.py": (["IIA after training", "Finding: a 16-d subspace", "Learned rotation shape: (",
+                            "matches b + ((s - b) . w) w"],
                            ["das_training.png", "das_intervention/config.json",
                             "das_intervention/interventions.safetensors"]),
     "04_position_patching.py": (["patched L1 at pos [", "pyvene-style loop and activation_patch agree"],
                                 ["position_patching.png"]),
     "05_collect_activations.py": (["block output shape: (", "equal to run_with_cache; outputs unchanged"],
                                   ["activations.pt"]),
-    "06_steering_generation.py": (["steered:", "same as a hand-written hook", "P(women's names)"],
+    "06_steering_generation.py": (["steered:", "same as a hand-written hook", "P(women's names)",
+                                   "Finding: at alpha 16 the greedy answer becomes"],
                                   ["steering.png"]),
     "07_ioi_walkthrough.py": (["Average logit difference:", "final_post=", "Per-component attribution: embed=",
-                               "Top heads by direct logit attribution: L", "Patching resid_pre restores most"],
+                               "Top heads by direct logit attribution: L", "Finding: the heads write",
+                               "Patching resid_pre restores most"],
                               ["ioi_head_attribution.png", "ioi_top_heads.html", "ioi_patching.png"]),
+    "08_sae_features.py": (["Trained a 512-feature SAE on blocks.1.hook_resid_pre", "of S2 tokens (the repeated name)",
+                            "Zeroing features", "Finding: feature"],
+                           ["sae_feature_roles.png", "sae_feature_patching.png", "sae/cfg.json",
+                            "sae/sae_weights.safetensors"]),
 }
+
+
+def number(pattern: str, text: str) -> float:
+    """The number captured by `pattern` (one group) in `text`."""
+    match = re.search(pattern, text)
+    assert match, (pattern, text)
+    return float(match.group(1))
+
+
+def das_finding(out: str) -> None:
+    trained = number(r"IIA after training: ([\d.]+)%", out)
+    assert trained >= 90  # the learned subspace carries the variable on held-out pairs ...
+    assert number(r"IIA before training \(untrained rotation, the floor\): ([\d.]+)%", out) <= 10  # ... not by luck
+    assert number(r"IIA, full-vector interchange \(upper bound\): ([\d.]+)%", out) >= trained
+
+
+def steering_finding(out: str) -> None:
+    unsteered = re.search(r"greedy unsteered: '(.*)'", out).group(1)
+    steered = re.search(r"greedy steered: '(.*)' \(same", out).group(1)
+    assert steered != unsteered  # the continuation visibly moves ...
+    p0 = number(r"alpha +0\.0: P\(women's names\) = ([\d.]+)", out)
+    p16 = number(r"alpha +16\.0: P\(women's names\) = ([\d.]+)", out)
+    assert p16 > 0.2 and p16 > 50 * p0  # ... and so does the probability of the target names
+    gap0 = number(r"alpha +0\.0: .*women - men = ([-+\d.]+)", out)
+    gap16 = number(r"alpha +16\.0: .*women - men = ([-+\d.]+)", out)
+    assert gap16 - gap0 > 2  # the target logit, women's names over men's
+
+
+def tracing_finding(out: str) -> None:
+    assert "At the last token, restoring any layer brings back 100% of the drop" in out
+    assert "Most critical" not in out  # no layer is singled out from four equal values
+
+
+def walkthrough_finding(out: str) -> None:
+    heads = number(r"the heads write ([-+\d.]+) of", out)
+    total = number(r"Average logit difference: ([-+\d.]+)", out)
+    assert abs(heads) < 0.1 * total  # the heads' direct contribution is small, as the finding says
+
+
+def sae_finding(out: str) -> None:
+    assert number(r"Trained a 512-feature SAE on \S+ in (\d+) s", out) < 120  # the issue's budget
+    assert number(r"explained variance ([\d.]+)", out) > 0.6
+    assert number(r"fires on (\d+)% of S2 tokens", out) >= 90  # a repeated-name feature ...
+    assert number(r"of S2 tokens \(the repeated name\) and on ([\d.]+)% of other tokens", out) <= 3  # ... only there
+    assert abs(number(r"at S2: logit difference [\d.]+ -> [\d.]+ \(([-+\d.]+)%\)", out)) < 2  # yet unused at S2
+    assert re.search(r"top cells at positions \[(\d+)\] \(END is \1\)", out)  # every top cell is at END
+    assert number(r"Exact: (\d+)% of the total \|effect\| is at END", out) >= 90
+
+
+# script -> a check of the finding it prints (numbers from the bundled model, with margins: see each check)
+FINDINGS = {"02_causal_tracing.py": tracing_finding, "03_das_training.py": das_finding,
+            "06_steering_generation.py": steering_finding, "07_ioi_walkthrough.py": walkthrough_finding,
+            "08_sae_features.py": sae_finding}
 
 
 def run_example(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -63,6 +126,24 @@ def test_example_runs_on_the_bundled_model(script, tmp_path):
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if script in FINDINGS:
+        FINDINGS[script](proc.stdout)
+
+
+@pytest.mark.subprocess
+def test_das_with_one_direction_finds_nothing_and_says_so(tmp_path):
+    """The docstring's claim: a name is not one number, so one direction cannot carry it."""
+    proc = run_example("03_das_training.py", "--dim", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert number(r"IIA after training: ([\d.]+)%", proc.stdout) < 10
+    assert "No finding: the learned subspace reaches" in proc.stdout and "Finding:" not in proc.stdout
+
+
+@pytest.mark.subprocess
+def test_steering_at_the_old_default_strength_finds_nothing_and_says_so(tmp_path):
+    proc = run_example("06_steering_generation.py", "--layer", "1", "--alpha", "4", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "No finding: at alpha 4 the greedy answer is 'Michael'" in proc.stdout
 
 
 @pytest.mark.subprocess

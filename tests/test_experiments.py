@@ -462,8 +462,11 @@ def small_result():
 def test_sweep_result_normalized_and_top():
     r = small_result()
     assert torch.allclose(r.normalized, (r.values - 1.0) / 2.0)
-    assert r.top(2) == [("1", "0", 3.0), ("0", "2", 2.0)]
-    assert r.top(1, largest=False) == [("1", "1", -1.0)]
+    assert torch.allclose(r.normalized_effect, r.normalized)  # activation patching: the same number
+    # effects (value - corrupted 1.0): -1, 0, 1, 2, -2, -0.5: by size, sign shown in the value
+    assert set(r.top(2)) == {("1", "0", 3.0), ("1", "1", -1.0)}  # |effect| 2 both
+    assert r.top(1, by="toward") == [("1", "0", 3.0)]
+    assert r.top(1, by="away") == [("1", "1", -1.0)]
     assert len(r.top(100)) == 6
     assert "resid_pre" in r.table(2)
 
@@ -561,7 +564,7 @@ def test_top_ignores_cells_left_empty(pp_model):
     (torch.topk ranks NaN above everything, in both directions)."""
     sub = path_patch(pp_model, CLEAN, CORRUPTED, METRIC, senders=[(0, 1), (2, 3)])
     assert {(r, c) for r, c, _ in sub.top(5)} == {("0", "1"), ("2", "3")}
-    assert {(r, c) for r, c, _ in sub.top(5, largest=False)} == {("0", "1"), ("2", "3")}
+    assert {(r, c) for r, c, _ in sub.top(5, by="away")} == {("0", "1"), ("2", "3")}
 
 
 def test_metrics_read_the_named_position(model):

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hookvene"
 LAYERS = [
     ["hookvene.hooks", "hookvene.utils", "hookvene.viz", "hookvene.factored_matrix", "hookvene.causal_model",
      "hookvene.distributed"],
-    ["hookvene.cache", "hookvene.lens"],
+    ["hookvene.cache", "hookvene.lens", "hookvene.sae", "hookvene.sae_training"],
     ["hookvene.models", "hookvene.models.*"],
     ["hookvene.loading", "hookvene.loading.*"],
     ["hookvene.create"],
@@ -28,6 +28,7 @@ LAYERS = [
     ["hookvene.generate"],
     ["hookvene.serialization"],
     ["hookvene.intervenable"],
+    ["hookvene.collect"],
     ["hookvene.experiments", "hookvene.experiments.*"],
     ["hookvene.cli", "hookvene.__main__"],
     ["hookvene"],

@@ -131,7 +131,8 @@ def causal_trace(model: nn.Module, inputs: Any, subject: list[int] | str, target
         values[layer, p] = v
     tokens = model.to_str_tokens(ids[0]) if tokenizer is not None else [str(p) for p in range(n_pos)]
     cols = [f"{p}:{t.strip()}" + ("*" if p in subject else "") for p, t in enumerate(tokens)]
-    return SweepResult(values, f"causal_trace:{kind}", "prob", "layer", "position (* = noised subject)",
+    return SweepResult(values, f"causal_trace:{kind}", "prob", "layer", "position (* = noised)",
                        [str(x) for x in range(n_layers)], cols, clean.metric, noised.metric,
                        extra={"subject": list(subject), "window": window, "noise_scale": scale,
-                              "n_samples": n_samples, "target": int(target), "noise": noise.cpu()})
+                              "n_samples": n_samples, "target": int(target), "noise": noise.cpu(),
+                              **({"target_text": model.to_single_str_token(int(target))} if tokenizer else {})})

@@ -1,4 +1,4 @@
-"""Induction heads, found and explained in one call. `hookvene induction` runs it on the bundled `induction-gpt2`.
+"""Induction heads, found and explained in one call (`hookvene induction --model M`; tested on GPT-2 checkpoints).
 
 The data are repeated random tokens: `<bos> A A`, with A a sequence of L distinct random tokens. Nothing in the
 first half can be predicted; in the repeated half, each token can be, by an *induction head*: at a position holding
@@ -18,7 +18,8 @@ al. 2021, "A Mathematical Framework for Transformer Circuits").
 
 Load the model with TransformerLens's weight processing (`fold_ln=True, center_writing_weights=True`, as the CLI
 does), so that the weight views include the LayerNorm scales the heads actually see; the other steps give the
-same numbers either way.
+same numbers either way. `InductionReport.found` is the verdict; on a model without the circuit the report still
+names the best-scoring heads, and says no (the bundled `ioi-gpt2`, for example).
 """
 
 import math
@@ -139,7 +140,7 @@ class InductionReport:
     loss_per_position: Tensor  # (2 * half,): column j - 1 = loss predicting token j
     first_half_loss: float
     repeated_half_loss: float
-    chance_loss: float  # ln(vocab the tokens were drawn from)
+    n_vocab: int  # how many tokens the sequences were drawn from: chance loss is ln(n_vocab)
     prev_head: tuple[int, int]
     induction_head: tuple[int, int]
     composition: Tensor  # (layer, head, layer, head), NaN unless the first layer is earlier
@@ -151,6 +152,10 @@ class InductionReport:
     path_clean: float
     path_corrupted: float
     files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def chance_loss(self) -> float:
+        return math.log(self.n_vocab)
 
     @property
     def top_composition(self) -> tuple[tuple[int, int], float]:
@@ -180,24 +185,25 @@ class InductionReport:
         il, ih = self.induction_head
         sender, comp = self.top_composition
         lines = [f"Induction on {self.model_name}: {self.n} sequences <bos> A A, |A| = {self.half} random tokens",
-                 f"  loss on the first half     {self.first_half_loss:.3f}   (chance: ln {round(math.exp(self.chance_loss))}"
-                 f" = {self.chance_loss:.3f})",
+                 f"  loss on the first half     {self.first_half_loss:.3f}   (chance: ln {self.n_vocab} = "
+                 f"{self.chance_loss:.3f})",
                  f"  loss on the repeated half  {self.repeated_half_loss:.3f}   (from its second token)",
-                 "  per-head attention scores (prev-token: to q-1; induction: to the token after the earlier copy):",
-                 "    head    prev-token  induction"]
+                 "  mean attention per head, H0 H1 ... (previous-token: to q - 1; induction: to the token after the "
+                 "earlier copy of token q):"]
         n_layers, n_heads = self.prev_scores.shape
         for layer in range(n_layers):
-            for head in range(n_heads):
-                mark = ("  <- previous-token head" if (layer, head) == self.prev_head else
-                        "  <- induction head" if (layer, head) == self.induction_head else "")
-                lines.append(f"    L{layer}H{head:<4} {float(self.prev_scores[layer, head]):9.3f}  "
-                             f"{float(self.induction_scores[layer, head]):9.3f}{mark}")
+            lines.append(f"    L{layer}  previous-token " + " ".join(f"{float(v):.2f}" for v in self.prev_scores[layer])
+                         + "   induction " + " ".join(f"{float(v):.2f}" for v in self.induction_scores[layer]))
         lines += [f"  previous-token head L{pl}H{ph} (score {float(self.prev_scores[pl, ph]):.3f}), "
                   f"induction head L{il}H{ih} (score {float(self.induction_scores[il, ih]):.3f})",
                   f"  K-composition into L{il}H{ih}'s keys: highest from {head_name(sender)} ({comp:.3f}); "
                   f"random matrices: mean {self.baseline_mean:.3f}, 95th percentile {self.baseline_p95:.3f}",
-                  "  repeated-half loss with heads mean-ablated:"]
-        lines += [f"    {name:<12} {loss:.3f}" for name, loss in self.ablation.items()]
+                  f"  repeated-half loss with one head mean-ablated, H0 H1 ... (none: {self.ablation['none']:.3f}):"]
+        for layer in range(n_layers):
+            lines.append(f"    L{layer}  " + " ".join(f"{self.ablation[head_name((layer, h))]:.3f}"
+                                                 for h in range(n_heads)))
+        lines.append(f"  with both circuit heads mean-ablated ({head_name(self.prev_head)}+"
+                     f"{head_name(self.induction_head)}): {self.circuit_ablation:.3f}")
         lines.append(f"  path patching L{pl}H{ph} -> L{il}H{ih} keys (first half replaced): repeated-half loss "
                      f"{float(self.path[pl, ph]):.3f} (clean {self.path_clean:.3f}, whole corrupted run "
                      f"{self.path_corrupted:.3f})")
@@ -267,7 +273,7 @@ def induction_analysis(model: nn.Module, vocab: Sequence[int] | Tensor, bos: int
     path = path_patch(model, tokens, corrupted, repeated_half_loss, receivers=[(f"blocks.{il}.attn.hook_k", ih)],
                       senders=senders)
     report = InductionReport(model_name, n, half, prev, ind, loss.mean(0), float(first), float(repeated),
-                             math.log(len(vocab)), (pl, ph), (il, ih), composition, float(baseline.mean()),
+                             len(vocab), (pl, ph), (il, ih), composition, float(baseline.mean()),
                              float(baseline.quantile(0.95)), ablation, ablated_per_position,
                              path.values[:il], path.clean, path.corrupted)
     if out_dir is not None:

@@ -56,9 +56,9 @@ class IOIReport:
                  f"  clean logit diff (IO - S)      {self.clean_logit_diff:+.3f}   accuracy {self.accuracy:.1%}",
                  f"  corrupted (ABC) logit diff     {self.corrupted_logit_diff:+.3f}   gap {gap:+.3f}"]
         if self.reliable:
-            lines += ["  heads ranked by the size of their effect (normalized: 1 = restoring the head's clean output "
-                      "alone recovers the clean logit diff,",
-                      "  0 = no effect, negative = pushes the other way), and where the final token looks:",
+            lines += ["  heads ranked by |effect| (normalized: 1 = the head's clean output alone restores the clean "
+                      "logit diff, 0 = no effect,",
+                      "  negative = it pushes the other way), and where the final token looks:",
                       "    head     effect   attn->IO  attn->S1  attn->S2"]
         else:
             lines += [f"  WARNING: the gap is below {self.heads.min_gap:g}: clean and corrupted prompts look alike to "
@@ -91,7 +91,7 @@ def ioi_analysis(model: nn.Module, tokenizer: Any, n: int = 64, seed: int = 0, t
                              progress=progress)
     resid = activation_patch(model, clean, corrupted, metric, kind="resid_pre", batch_size=batch_size,
                              progress=progress)
-    resid.cols = position_labels(clean, tokenizer)
+    resid.cols = slot_labels(clean, tokenizer)
     # The heads that matter, by the size of their effect in either direction (a head that pushes the logit diff
     # the wrong way matters as much as one that restores it); the sign is shown.
     top = [(int(r), int(c)) for r, c, _ in heads.top(top_k)]
@@ -110,11 +110,11 @@ def ioi_analysis(model: nn.Module, tokenizer: Any, n: int = 64, seed: int = 0, t
     if out_dir is not None:
         tokens = [[tokenizer.decode(t) for t in row[mask.bool()]] for row, mask in
                   zip(clean["input_ids"][:ATTENTION_EXAMPLES], clean["attention_mask"][:ATTENTION_EXAMPLES])]
-        report.files = _write(report, cache, tokens, top, out_dir)
+        report.files = _write(report, cache, tokens, clean_ds.prompts[:ATTENTION_EXAMPLES], top, out_dir)
     return report
 
 
-def position_labels(batch: dict[str, Tensor], tokenizer: Any) -> list[str]:
+def slot_labels(batch: dict[str, Tensor], tokenizer: Any) -> list[str]:
     """One label per position of an aligned IOI batch: the token where every prompt has the same one, else the
     name slots found there across the batch ("IO/S1": IO in the ABBA prompts, S1 in the BABA ones)."""
     ids = batch["input_ids"]
@@ -131,17 +131,18 @@ def position_labels(batch: dict[str, Tensor], tokenizer: Any) -> list[str]:
     return labels
 
 
-def _write(report: IOIReport, cache: Any, tokens: list[list[str]], top: list[tuple[int, int]], out_dir: str) -> dict:
+def _write(report: IOIReport, cache: Any, tokens: list[list[str]], prompts: list[str], top: list[tuple[int, int]],
+           out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     files = {"head patching heatmap": os.path.join(out_dir, "ioi_heads.png"),
              "residual patching heatmap": os.path.join(out_dir, "ioi_resid.png"),
              "attention of the top heads": os.path.join(out_dir, "ioi_attention.html"),
              "results": os.path.join(out_dir, "ioi_heads.pt")}
-    prompts = f"{report.n} IOI prompts (template {report.template}), clean into ABC-corrupted"
+    which = f"{report.n} IOI prompts (template {report.template}), clean into ABC-corrupted"
     report.heads.plot(files["head patching heatmap"],
-                      title=f"Logit diff (IO - S) restored by one head's clean output (hook_z), {prompts}")
+                      title=f"Logit diff (IO - S) restored by one head's clean output (hook_z), {which}")
     report.resid.plot(files["residual patching heatmap"],
-                      title=f"Logit diff (IO - S) restored by the clean resid_pre at one layer and position, {prompts}")
+                      title=f"Logit diff (IO - S) restored by the clean resid_pre at one layer and position, {which}")
     n_ex = len(tokens)
     patterns = torch.stack([torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][e, head] for layer, head in top])
                             for e in range(n_ex)])  # example head q k
@@ -150,6 +151,6 @@ def _write(report: IOIReport, cache: Any, tokens: list[list[str]], top: list[tup
     attention_html(tokens, patterns, files["attention of the top heads"],
                    [f"L{layer}H{head}: effect {float(effects[layer, head]):+.2f}" for layer, head in top],
                    title="IOI: attention of the heads that matter most (ranked by |effect|, as in the summary)",
-                   example_names=["".join(t).replace("<|endoftext|>", "").strip() for t in tokens])
+                   example_names=prompts)
     report.heads.save(files["results"])
     return files

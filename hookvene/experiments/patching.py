@@ -13,6 +13,8 @@ Kinds (cells, and the grid they fill):
     heads                                                      (layer, head)       layers x heads    (hook_z)
     heads_pos                                                  (layer, head, pos)  "L{l}H{h}" x positions
     pattern                                                    (layer, head)       layers x heads    (hook_pattern)
+    sae_features (pass sae=...)                                (feature, pos)      features x positions
+                                                               (hookvene.experiments.sae_patching)
 """
 
 from dataclasses import dataclass
@@ -24,10 +26,13 @@ from torch import Tensor, nn
 from hookvene.distributed import all_sum, check_same, is_distributed, rank, world_size
 from hookvene.experiments.metrics import Metric
 from hookvene.experiments.results import SweepResult
+from hookvene.experiments.sae_patching import KIND as SAE_KIND
+from hookvene.experiments.sae_patching import feature_attribution, feature_patch
 from hookvene.experiments.sweep import (
     Cell,
     check_model,
     first_read_position,
+    position_labels,
     record,
     run_cells,
     shared_prefix,
@@ -57,9 +62,17 @@ KINDS = {
 }
 
 
+def _need_sae(sae: Any, kind: str) -> Any:
+    if sae is None or kind not in (SAE_KIND, "resid_pre"):  # "resid_pre" is the default: sae= alone is enough
+        raise ValueError(f"kind {kind!r} with sae={type(sae).__name__}: feature sweeps are kind={SAE_KIND!r} with "
+                         f"sae=<a hookvene.SAE>; the other kinds take no sae")
+    return sae
+
+
 def _kind(kind: str) -> Kind:
     if kind not in KINDS:
-        raise ValueError(f"unknown sweep kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown sweep kind {kind!r}; choose one of {', '.join(KINDS)}, or {SAE_KIND} "
+                         f"(with sae=...)")
     return KINDS[kind]
 
 
@@ -81,18 +94,26 @@ def _grid(model: nn.Module, kind: Kind, n_pos: int) -> tuple[list[list[Any]], li
 
 
 def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric, kind: str = "resid_pre",
-                     batch_size: int = 64, progress: bool = False) -> SweepResult:
+                     batch_size: int = 64, progress: bool = False, sae: Any = None,
+                     features: Any = None) -> SweepResult:
     """Exact patching sweep: for every cell, the mean metric of the corrupted run with that one clean activation
     patched in. All cells x examples run as stacked batch rows, `batch_size` rows per forward pass.
 
     With a metric read at one position (`PositionMetric`, e.g. `logit_diff`), positions before a cell's patch
     are not recomputed (attention is causal: they come from the corrupted run's KV cache), and cells patching
-    where clean and corrupted inputs agree equal the corrupted baseline without running."""
+    where clean and corrupted inputs agree equal the corrupted baseline without running.
+
+    `sae=` (kind "sae_features"): the cells are an SAE's features x positions (`features=` a subset), see
+    `hookvene.experiments.sae_patching.feature_patch`."""
+    if sae is not None or kind == SAE_KIND:
+        return feature_patch(model, _need_sae(sae, kind), clean, corrupted, metric, features, batch_size, progress)
     check_model(model, "activation_patch")
     k = _kind(kind)
     clean, corrupted = sweep_pair(model, clean, corrupted)
     n_pos = corrupted["input_ids"].shape[1]
     grid, rows, cols, row_label, col_label = _grid(model, k, n_pos)
+    if col_label == "position":
+        cols = position_labels(model, clean, corrupted)
     hooks = sorted({k.hook.format(layer=c[0]) for c in grid})
     source = record(model, clean, metric, hooks)
     base = record(model, corrupted, metric, resume=True)
@@ -119,17 +140,23 @@ def activation_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metri
 
 
 def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metric,
-                      kind: str = "resid_pre") -> SweepResult:
+                      kind: str = "resid_pre", sae: Any = None, features: Any = None) -> SweepResult:
     """Attribution patching (Nanda 2023): the first-order estimate of every cell of `activation_patch` from one
     clean forward, one corrupted forward and one backward: metric(corrupted) + sum((clean - corrupted) * grad).
     Exact when the metric is linear in the patched activation; the values are comparable to the exact sweep's.
 
     Under torch.distributed each rank differentiates a share of the examples (every world_size-th) and the sums
-    are added across ranks: every rank returns the whole result."""
+    are added across ranks: every rank returns the whole result.
+
+    `sae=` (kind "sae_features"): over an SAE's features x positions, see `sae_patching.feature_attribution`."""
+    if sae is not None or kind == SAE_KIND:
+        return feature_attribution(model, _need_sae(sae, kind), clean, corrupted, metric, features)
     check_model(model, "attribution_patch")
     k = _kind(kind)
     clean, corrupted = sweep_pair(model, clean, corrupted)
     grid, rows, cols, row_label, col_label = _grid(model, k, corrupted["input_ids"].shape[1])
+    if col_label == "position":
+        cols = position_labels(model, clean, corrupted)
     layers = sorted({c[0] for c in grid})
     hooks = [k.hook.format(layer=layer) for layer in layers]
     n = corrupted["input_ids"].shape[0]

@@ -54,8 +54,8 @@ class SweepResult:
         if not self.reliable:
             warnings.warn(f"{self.kind}: clean and corrupted {self.metric} differ by only {self.gap:+.4g} (clean "
                           f"{self.clean:.4g}, corrupted {self.corrupted:.4g}; at least {self.min_gap:g} is needed to "
-                          f"normalize), so normalized effects would divide by noise: the table and figure show raw "
-                          f"changes. Check that the model does the task on the clean inputs and that the corruption "
+                          f"normalize), so normalized effects would divide by noise: the table and figure do not "
+                          f"normalize. Check that the model does the task on the clean inputs and that the corruption "
                           f"removes it.", UnreliableGapWarning, stacklevel=3)
 
     @property
@@ -122,11 +122,11 @@ class SweepResult:
         """The grid that `table` leads with and `plot` shows, and its name: probabilities as they are; otherwise the
         normalized effect, or the raw effect when the gap is too small to normalize by."""
         if self.metric == "prob":
-            return self.values, "P(target)"
+            return self.values, f"P({self.extra['target_text']!r})" if "target_text" in self.extra else "P(target)"
         if self.reliable and math.isfinite(self.gap):
-            return self.normalized_effect, (f"normalized effect on {self.metric}: (patched - {self.unpatched}) / "
+            return self.normalized_effect, (f"normalized effect on {self.metric}\n(patched - {self.unpatched}) / "
                                             f"({self.other} - {self.unpatched})")
-        return self.effect, f"change in {self.metric} vs the unpatched {self.unpatched} run (not normalized)"
+        return self.effect, f"change in {self.metric} vs the\nunpatched {self.unpatched} run (not normalized)"
 
     def save(self, path: str) -> None:
         """Write the result for `load`, which reads with `torch.load(weights_only=True)` (no pickled objects): tensors,
@@ -161,7 +161,7 @@ class SweepResult:
             style = {"center": 0.0, "span": max(1.0, largest) if normalized else (largest or 1.0)}
         style = {"cbar_label": label, **style, **kwargs}
         return heatmap(values, self.rows, self.cols, row_label=self.row_label, col_label=self.col_label,
-                       title=title or f"{self.kind}: {label}", path=path, **style)
+                       title=title or f"{self.kind}: {label.splitlines()[0]}", path=path, **style)
 
     def table(self, k: int = 5, by: str = "magnitude") -> str:
         """The clean and corrupted metric, their gap, and the top-k cells (`top(k, by)`) with value, effect and

@@ -14,6 +14,9 @@ Cells skip what cannot change: each resumes from the base run's residual stream 
 (`Resume`); positions before the cell's `offset` (no patch there, no metric read) come from the base run's KV cache;
 rows resuming at different blocks share one staggered forward pass (`staggered_forward`); and when the metric reads
 only the last position, the last block and the unembedding run there only.
+
+Under `torchrun` (a torch.distributed process group) the passes are planned as on one process and dealt out to the
+ranks whole, balanced by cost; the values are gathered so every rank returns all of them (`hookvene.distributed`).
 """
 
 import re
@@ -67,6 +70,27 @@ def sweep_pair(model: nn.Module, clean: Any, corrupted: Any) -> tuple[dict[str, 
     corrupted = sweep_inputs(model, corrupted, "the corrupted input")
     check_pair(clean, corrupted)
     return clean, corrupted
+
+
+def position_labels(model: nn.Module, clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> list[str]:
+    """One label per position for a sweep's figure and table: "5:John" where every clean and corrupted prompt has
+    that token, "3:Mary/Alice" where one clean and one corrupted prompt differ, "3:(varies)" in a batch whose
+    prompts differ there; plain numbers without a tokenizer."""
+    ids = torch.cat([clean["input_ids"], corrupted["input_ids"]])
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return [str(p) for p in range(ids.shape[1])]
+    labels = []
+    for p in range(ids.shape[1]):
+        column = ids[:, p].unique(sorted=False)
+        if len(column) == 1:
+            text = tokenizer.decode(column).strip()
+        elif ids.shape[0] == 2:
+            text = "/".join(tokenizer.decode(t).strip() for t in ids[:, p])
+        else:
+            text = "(varies)"
+        labels.append(f"{p}:{text}")
+    return labels
 
 
 def check_pair(clean: dict[str, Tensor], corrupted: dict[str, Tensor]) -> None:

@@ -98,7 +98,9 @@ def from_pretrained(source: str | nn.Module, *, lm_head: bool | None = None, dty
                     device: str | torch.device | None = None, copy: bool = False,
                     allow_pickle: bool = False, tokenizer: Any = None, fold_ln: bool = False,
                     center_writing_weights: bool = False, center_unembed: bool = False,
-                    fold_value_biases: bool = False, refactor_factored_attn_matrices: bool = False) -> nn.Module:
+                    fold_value_biases: bool = False, refactor_factored_attn_matrices: bool = False,
+                    device_map: str | dict[str, Any] | None = None,
+                    max_memory: dict[Any, int | str] | None = None) -> nn.Module:
     """Load a hookvene model.
 
     Args:
@@ -107,7 +109,14 @@ def from_pretrained(source: str | nn.Module, *, lm_head: bool | None = None, dty
             (each Parameter keeps its `requires_grad`): in-place edits of the weights, and `.to(device)` /
             `.half()` on the hookvene model, reach the `transformers` model too. `copy=True` copies them first.
         lm_head: keep (True) or drop (False) the unembedding; default: whatever the checkpoint's class has.
-        dtype, device: optional conversion of the loaded weights.
+        dtype: the weights' dtype; default: as stored (a bf16 checkpoint loads as bf16). A checkpoint directory
+            is read one tensor at a time, each converted as it is read (peak: the loaded model plus one tensor).
+        device: where the weights go; a checkpoint directory is read straight onto it.
+        device_map, max_memory: spread the blocks over several devices with `accelerate` (an optional dependency:
+            `pip install 'hookvene[distributed]'`): "auto" (fill GPU 0, 1, ... then the CPU, within `max_memory`,
+            e.g. {0: "20GiB", 1: "20GiB"}), "balanced", "sequential", or a dict {module name: device} such as
+            {"embed": 0, "blocks.0": 0, ..., "blocks.23": 1, "ln_final": 1, "unembed": 1}. Blocks stay whole;
+            hooks see each activation on its block's device (see `hookvene.loading.placement`).
         allow_pickle: read a checkpoint that has only pickle weights (`pytorch_model.bin`), with
             `torch.load(weights_only=True)`; by default only `model.safetensors` is read.
         tokenizer: kept as `model.tokenizer` (for `to_tokens`, string inputs, ...); default: the one saved in
@@ -122,6 +131,8 @@ def from_pretrained(source: str | nn.Module, *, lm_head: bool | None = None, dty
                       fold_value_biases=fold_value_biases,
                       refactor_factored_attn_matrices=refactor_factored_attn_matrices)
     copy = copy or any(processing.values())  # processing edits weights in place: never the caller's tensors
+    if device_map is not None and device is not None:
+        raise ValueError("pass device= (one device) or device_map= (several), not both")
     if isinstance(source, nn.Module):
         if not hasattr(source, "config") or not hasattr(source.config, "to_dict"):
             raise ValueError(f"{type(source).__name__} is not a transformers model; supported: "
@@ -134,7 +145,7 @@ def from_pretrained(source: str | nn.Module, *, lm_head: bool | None = None, dty
         what = f"{type(source).__name__} object"
     else:
         path = resolve_path(source, allow_pickle)
-        hf, state = read_checkpoint_dir(path, allow_pickle)
+        hf, state = read_checkpoint_dir(path, allow_pickle, dtype=dtype, device=device)
         arch = _architecture(hf)
         what = f"checkpoint {path!r}"
     module, has_head = ARCHITECTURES[arch]
@@ -147,6 +158,10 @@ def from_pretrained(source: str | nn.Module, *, lm_head: bool | None = None, dty
     model.tokenizer = tokenizer
     if any(processing.values()):
         model.process_weights(**processing)
+    if device_map is not None:
+        from hookvene.loading.placement import dispatch
+
+        return dispatch(model, device_map, max_memory)
     return model.to(device) if device is not None else model
 
 

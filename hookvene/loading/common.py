@@ -147,12 +147,18 @@ def rope_from_hf(hf_config: dict[str, Any], arch: str, theta: float = 10000.0,
     }
 
 
+def cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """`t` in `dtype` when it holds floats (integer tensors keep theirs); `t` itself when nothing changes."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
 def load_into(model: nn.Module, state: dict[str, Tensor], dtype: torch.dtype | None = None) -> nn.Module:
-    """Put converted tensors into a model built on the meta device, sharing them (no copy) where possible."""
+    """Put converted tensors into a model built on the meta device, sharing them (no copy) where possible. The
+    model takes the tensors' dtype (a bf16 checkpoint gives a bf16 model) unless `dtype` is given."""
     if dtype is not None:
         converted: dict[int, Tensor] = {}
         for v in state.values():
-            converted.setdefault(id(v), v.to(dtype))
+            converted.setdefault(id(v), cast(v, dtype))
         state = {k: converted[id(v)] for k, v in state.items()}
     params = {k for k, _ in model.named_parameters(remove_duplicate=False)}
     made: dict[int, nn.Parameter] = {}  # one Parameter per source tensor, so tied weights stay one Parameter
@@ -179,9 +185,14 @@ PICKLE_OPT_IN = ("pass allow_pickle=True to load it (only if you trust its sourc
                  "torch.load(weights_only=True)), or convert it to model.safetensors")
 
 
-def read_checkpoint_dir(path: str, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read_checkpoint_dir(path: str, allow_pickle: bool = False, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(config.json as a dict, state dict) of a local HF checkpoint directory: model.safetensors (sharded or not);
-    a pickle checkpoint (pytorch_model.bin) only with `allow_pickle=True`."""
+    a pickle checkpoint (pytorch_model.bin) only with `allow_pickle=True`.
+
+    Lean: safetensors files are read one tensor at a time straight onto `device` (default CPU), each converted to
+    `dtype` as it is read, so the peak is the loaded weights plus one tensor: never the checkpoint twice, nor a
+    bf16 checkpoint through fp32. Without `dtype` every tensor keeps its stored dtype."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path!r} has no config.json, so it is not a HuggingFace checkpoint directory")
@@ -199,11 +210,14 @@ def read_checkpoint_dir(path: str, allow_pickle: bool = False) -> tuple[dict[str
     for file in files:
         try:
             if file.endswith(".safetensors"):
-                from safetensors.torch import load_file
+                from safetensors import safe_open
 
-                state.update(load_file(file))
+                with safe_open(file, framework="pt", device=str(device or "cpu")) as f:
+                    for key in f.keys():
+                        state[key] = cast(f.get_tensor(key), dtype)
             else:
-                state.update(torch.load(file, map_location="cpu", weights_only=True))
+                loaded = torch.load(file, map_location=device or "cpu", weights_only=True)
+                state.update({k: cast(v, dtype) for k, v in loaded.items()})
         except Exception as e:  # safetensors and torch raise many types for truncated or garbled files
             raise CheckpointError(f"cannot read weights from {file} (corrupt or truncated?): {e}") from None
     return config, state

@@ -241,6 +241,7 @@ class HookedModule(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the parameters are (`transformers`' `model.device`)."""
         return next(self.parameters()).device
 
     @property

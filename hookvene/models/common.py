@@ -36,11 +36,6 @@ class HookedModel(LensModel):
     hidden_state_hooks: ClassVar[tuple[str, str] | None] = None
     attention_hook: ClassVar[str | None] = None
 
-    @property
-    def device(self) -> torch.device:
-        """Where the parameters are (`transformers`' `model.device`)."""
-        return next(self.parameters()).device
-
     def __call__(self, *args: Any, output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                  return_dict: bool | None = None, **kwargs: Any) -> Any:
         """`forward`, plus the switches every `transformers` model takes: `output_hidden_states`,

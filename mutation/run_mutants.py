@@ -9,7 +9,8 @@ One mutant at a time (`--max-children 1`), torch on one thread.
     python mutation/run_mutants.py loading interventions
     python mutation/run_mutants.py --rerun loading      # refresh tests in the existing copy, rerun its survivors
     python mutation/run_mutants.py --resume loading     # continue an interrupted run (results are kept per mutant)
-    python mutation/run_mutants.py --report-only        # rebuild REPORT.md from the copies' results
+    python mutation/run_mutants.py --rev HEAD plan      # mutate the last commit, not the working tree
+    python mutation/run_mutants.py --report-only        # fold the copies' results into results.json, rebuild REPORT.md
 
 What mutmut 3 mutates: the bodies of top-level functions and methods (numbers, strings, operators, comparisons,
 `and`/`or`, True/False/None, call arguments, ...). It does not mutate module-level statements (the rule tables
@@ -84,11 +85,16 @@ GROUPS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
-def copy_tree(dest: Path) -> None:
-    """The working tree's tracked and untracked-but-not-ignored files -> dest (a fresh directory)."""
+def copy_tree(dest: Path, rev: str | None) -> None:
+    """A fresh copy of the code to mutate at dest: the files of git revision `rev`, or (rev None) the working tree's
+    tracked and untracked-but-not-ignored files."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
+    if rev is not None:
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for f in files:
@@ -96,6 +102,16 @@ def copy_tree(dest: Path) -> None:
         if f and src.is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
+
+
+def revision(rev: str | None) -> str:
+    """What a run mutated, for the report: a short commit id, plus "+ local changes" for a dirty working tree."""
+    head = subprocess.run(["git", "rev-parse", "--short", rev or "HEAD"], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    if rev is None and subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                                      text=True).stdout.strip():
+        head += " + local changes"
+    return head
 
 
 def write_config(work: Path, files: list[str], tests: list[str]) -> None:
@@ -193,7 +209,7 @@ def diffs(work: Path, names: list[str]) -> dict[str, str]:
     return json.loads(r.stdout)
 
 
-def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False) -> None:
+def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev: str | None = None) -> None:
     files, tests, globs = GROUPS[group]
     work = workdir / group
     log = workdir / f"{group}.log"
@@ -214,7 +230,8 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False) -> N
         mutmut(work, "run", "--max-children", "1", *(globs or []), log=log)
         save_results(workdir, group, first=True)
     else:
-        copy_tree(work)
+        copy_tree(work, rev)
+        (workdir / f"{group}.revision").write_text(revision(rev))
         write_config(work, files, tests)
         log.write_text("")
         print(f"[{group}] mutating {', '.join(files)}; tests {', '.join(tests)} (copy: {work}, log: {log})")
@@ -225,20 +242,10 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False) -> N
     print(f"[{group}] done in {time.time() - start:.0f} s")
 
 
-def report(workdir: Path, out: Path) -> None:
-    notes = {}
-    eq = ROOT / "mutation" / "equivalent.md"
-    if eq.exists():
-        for m in re.finditer(r"^- `([^`]+)`:\s*(.+)$", eq.read_text(), re.M):
-            notes[m.group(1)] = m.group(2)
-    lines = ["# Mutation testing report (mutmut 3; `make mutants`, see mutation/run_mutants.py)", "",
-             "Kill rate = mutants detected (killed, or timed out) / mutants run, per module. *Before*: the suite "
-             "without the tests written for survivors (tests/test_mutants_*.py) on the group's first full run; "
-             "*after*: with them (survivors rerun). A survivor either is listed in mutation/equivalent.md with the "
-             "reason it cannot change a result, or needs a test.", "",
-             "| module | mutants run | kill rate before | detected | survived | no test ran | equivalent (noted) | "
-             "kill rate | kill rate, equivalents excluded |", "|---|---|---|---|---|---|---|---|---|"]
-    details = []
+def collect(workdir: Path, store: Path) -> None:
+    """Fold the groups found in workdir into `store` (mutation/results.json: per module, the counts and every
+    survivor's diff), so the report never depends on /tmp: modules not run this time keep their last results."""
+    saved = json.loads(store.read_text()) if store.exists() else {}
     for group, (files, _, _) in GROUPS.items():
         work = workdir / group
         if not (work / "mutants").exists():
@@ -246,6 +253,7 @@ def report(workdir: Path, out: Path) -> None:
         st = results(workdir, group)
         first_path = workdir / f"{group}.before.json"
         first = json.loads(first_path.read_text()) if first_path.exists() else st
+        rev_path = workdir / f"{group}.revision"
         for f in files:
             prefix = f.removesuffix(".py").replace("/", ".") + "."
             mine = {n: s for n, s in st.items() if n.startswith(prefix) and s != "not checked"}
@@ -253,19 +261,47 @@ def report(workdir: Path, out: Path) -> None:
                 continue
             old = [s for n, s in first.items() if n.startswith(prefix) and s != "not checked"]
             c = Counter(mine.values())
-            det = sum(c[s] for s in DETECTED)
             alive = sorted(n for n, s in mine.items() if s not in DETECTED)
-            equiv = [n for n in alive if n in notes]
-            rate = det / len(mine)
-            rate_eq = det / max(len(mine) - len(equiv), 1)
-            before = f"{100 * sum(s in DETECTED for s in old) / len(old):.1f}% ({len(old)} run)" if old else "not run"
-            lines.append(f"| {f} | {len(mine)} | {before} | {det} | {c['survived']} | "
-                         f"{c['no tests']} | {len(equiv)} | {100 * rate:.1f}% | {100 * rate_eq:.1f}% |")
             shown = diffs(work, alive)
-            for n in alive:
-                diff = "\n".join(shown[n].splitlines()[2:])  # drop the ---/+++ file lines
-                why = f"equivalent: {notes[n]}" if n in notes else "NOT EXPLAINED (needs a test or a note)"
-                details += [f"### `{n}` ({mine[n]}; {why})", "", "```diff", diff, "```", ""]
+            saved[f] = {"run": len(mine),
+                        "before": f"{100 * sum(s in DETECTED for s in old) / len(old):.1f}% ({len(old)} run)"
+                        if old else "not run",
+                        "detected": sum(c[s] for s in DETECTED), "survived": c["survived"],
+                        "no_tests": c["no tests"],
+                        "revision": rev_path.read_text().strip() if rev_path.exists() else "unknown",
+                        "survivors": {n: {"status": mine[n], "diff": "\n".join(shown[n].splitlines()[2:])}
+                                      for n in alive}}  # the diff without its ---/+++ file lines
+    store.write_text(json.dumps(saved, indent=1) + "\n")
+
+
+def report(store: Path, out: Path) -> None:
+    notes = {}
+    eq = ROOT / "mutation" / "equivalent.md"
+    if eq.exists():
+        for m in re.finditer(r"^- `([^`]+)`:\s*(.+)$", eq.read_text(), re.M):
+            notes[m.group(1)] = m.group(2)
+    saved = json.loads(store.read_text())
+    lines = ["# Mutation testing report (mutmut 3; `make mutants`, see mutation/run_mutants.py)", "",
+             "Kill rate = mutants detected (killed, or timed out) / mutants run, per module. *Before*: the suite "
+             "without the tests written for survivors (tests/test_mutants_*.py) on the group's first full run; "
+             "*after*: with them (survivors rerun). A survivor either is listed in mutation/equivalent.md with the "
+             "reason it cannot change a result, or needs a test. *Commit*: the code that was mutated "
+             "(results are kept in mutation/results.json).", "",
+             "| module | commit | mutants run | kill rate before | detected | survived | no test ran | "
+             "equivalent (noted) | kill rate | kill rate, equivalents excluded |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    details = []
+    order = [f for files, _, _ in GROUPS.values() for f in files]
+    for f in sorted(saved, key=lambda f: order.index(f) if f in order else len(order)):
+        r = saved[f]
+        equiv = [n for n in r["survivors"] if n in notes]
+        rate = r["detected"] / r["run"]
+        rate_eq = r["detected"] / max(r["run"] - len(equiv), 1)
+        lines.append(f"| {f} | {r.get('revision', 'unknown')} | {r['run']} | {r['before']} | {r['detected']} | "
+                     f"{r['survived']} | {r['no_tests']} | {len(equiv)} | {100 * rate:.1f}% | {100 * rate_eq:.1f}% |")
+        for n, s in r["survivors"].items():
+            why = f"equivalent: {notes[n]}" if n in notes else "NOT EXPLAINED (needs a test or a note)"
+            details += [f"### `{n}` ({s['status']}; {why})", "", "```diff", s["diff"], "```", ""]
     lines += ["", "## Surviving mutants", ""] + (details or ["None."])
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
@@ -279,14 +315,18 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run in the existing copy")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--report", default=ROOT / "mutation" / "REPORT.md", type=Path)
+    ap.add_argument("--results", default=ROOT / "mutation" / "results.json", type=Path,
+                    help="the kept results, one entry per module (updated from --workdir, then rendered)")
+    ap.add_argument("--rev", help="mutate this git revision (e.g. HEAD) instead of the working tree")
     args = ap.parse_args()
     unknown = set(args.groups) - set(GROUPS)
     if unknown:
         ap.error(f"unknown groups {sorted(unknown)}; groups: {', '.join(GROUPS)}")
     if not args.report_only:
         for group in args.groups or GROUPS:
-            run_group(group, args.workdir, args.rerun, args.resume)
-    report(args.workdir, args.report)
+            run_group(group, args.workdir, args.rerun, args.resume, args.rev)
+    collect(args.workdir, args.results)
+    report(args.results, args.report)
 
 
 if __name__ == "__main__":

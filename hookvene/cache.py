@@ -2,8 +2,10 @@
 
 `model.run_with_cache(...)` returns this class for every hookvene model. The methods read hook names
 (`blocks.{l}.hook_attn_out`, ...), the model's config (`n_layers`, `n_heads`) and its weight views
-(`blocks[l].attn.W_O`, `blocks[l].mlp.W_out`, `tokens_to_residual_directions`), so they work on decoder-only models
-that have them (GPT-2, GPT-Neo) and say so elsewhere. Semantics follow TransformerLens 3.x, names included:
+(`blocks[l].attn.W_O`, `blocks[l].mlp.W_out`, `tokens_to_residual_directions`), so they work on the decoder-only
+transformers (GPT-2, GPT-Neo, GPT-NeoX, Llama / Mistral / Qwen2) and raise a ValueError saying so on T5 (two stacks:
+not implemented), the GRU and the MLP classifier (no transformer to decompose). Semantics follow TransformerLens 3.x,
+names included:
 
     accumulated_resid   the residual stream entering each layer (the logit lens)
     decompose_resid     embeddings + each attention / MLP output: sums to the residual stream entering `layer`
@@ -44,10 +46,21 @@ class ActivationCache(BaseCache):
     # -- what the methods need from the model ------------------------------------------------------------------
     @property
     def cfg(self) -> Any:
-        if self.model is None or not hasattr(self.model, "blocks") or not hasattr(self.model, "cfg"):
-            raise ValueError("this cache's analysis methods need the decoder-only model that filled it (GPT-2, "
-                             f"GPT-Neo); it was made by {type(self.model).__name__}")
-        return self.model.cfg
+        model = self.model
+        blocks = getattr(model, "blocks", None)
+        if model is None or blocks is None or not len(blocks) or not hasattr(blocks[0], "attn") \
+                or not hasattr(model, "cfg") or getattr(model, "is_encoder_decoder", False):
+            name = type(model).__name__
+            why = ("an encoder-decoder model: the decompositions of one residual stream are not implemented for its "
+                   "two stacks; read its hooks (encoder.blocks.{l}..., decoder.blocks.{l}...) directly"
+                   if getattr(model, "is_encoder_decoder", False) else
+                   "not a transformer: it has no attention heads, attention outputs or residual-stream blocks to "
+                   "decompose; read its hooks directly")
+            raise ValueError(f"this cache's analysis methods (accumulated_resid, decompose_resid, stack_head_results, "
+                             f"stack_neuron_results, apply_ln_to_stack, logit_attrs, ...) need the decoder-only "
+                             f"transformer that filled it (GPT-2, GPT-Neo, GPT-NeoX, Llama / Mistral / Qwen2); "
+                             f"it was made by {name}, {why}")
+        return model.cfg
 
     def _last(self, layer: int | None) -> int:
         """TransformerLens's `layer` argument: None or -1 means after the last block (n_layers)."""
@@ -245,14 +258,30 @@ class ActivationCache(BaseCache):
         if norm in ("LN", "LNPre"):
             residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
         if layer == self.cfg.n_layers:
-            name = "ln_final.hook_scale"
+            name, norm_module = "ln_final.hook_scale", self.model.ln_final
         else:
             name = f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
-        self._need(name)
-        scale = self._pos(self[name], pos_slice)
+            norm_module = getattr(self.model.blocks[layer], "ln2" if mlp_input else "ln1")
+        if hasattr(norm_module, "hook_scale"):
+            self._need(name)
+            scale = self._pos(self[name], pos_slice)
+        else:  # an RMSNorm without a scale hook (Llama-family): its scale from the cached stream it normalised
+            scale = self._pos(self._rms_scale(layer, mlp_input, norm_module.eps), pos_slice)
         if self.has_batch_dim and batch_slice is not None:
             scale = slice_dim(scale, batch_slice, 0)
         return residual_stack / scale
+
+    def _rms_scale(self, layer: int, mlp_input: bool, eps: float) -> Float[Tensor, "batch pos 1"]:
+        """sqrt(mean(x^2) + eps) of the residual stream the RMSNorm reading layer `layer` saw (TL's RMS hook_scale),
+        computed in float32 as Llama's RMSNorm does."""
+        n = self.cfg.n_layers
+        if layer == n:
+            name = act_name("resid_post", n - 1)
+        else:
+            name = act_name("resid_mid" if mlp_input else "resid_pre", layer)
+        self._need(name)
+        x = self[name].float()
+        return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt().to(self[name].dtype)
 
     def logit_attrs(self, residual_stack: Float[Tensor, "components ... d_model"],
                     tokens: str | int | Int[Tensor, "..."], incorrect_tokens: str | int | Tensor | None = None,

@@ -33,7 +33,7 @@ from hookvene.experiments.causal_tracing import causal_trace
 from hookvene.experiments.induction import induction_analysis
 from hookvene.experiments.ioi_analysis import ioi_analysis
 from hookvene.experiments.metrics import answer_token, logit_diff
-from hookvene.experiments.patching import KINDS, activation_patch
+from hookvene.experiments.patching import ALL_KINDS, activation_patch
 from hookvene.loading import from_pretrained, load_tokenizer, resolve_path
 
 DEFAULT_MODEL = "ioi-gpt2"
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--corrupted", required=True, help="the prompt patched into (same number of tokens)")
     sp.add_argument("--answer", required=True, help="the clean answer token (leading space)")
     sp.add_argument("--wrong", required=True, help="the corrupted answer token (leading space)")
-    sp.add_argument("--kind", choices=list(KINDS), default="heads", help="what one cell patches")
+    sp.add_argument("--kind", choices=list(ALL_KINDS), default="heads", help="what one cell patches")
     sp.set_defaults(fn=cmd_patch)
 
     sp = sub.add_parser("info", help="components, hook points and sizes of a model")

@@ -130,9 +130,11 @@ class IntervenableModel(nn.Module):
         return ((original, acts), out) if acts is not None else (original, out)
 
 
-    def generate(self, base: Any, **kwargs: Any) -> tuple[Any, Any]:
-        """Generate with interventions; see `hookvene.generate.intervened_generate` for the arguments."""
-        return intervened_generate(self.model, self.slots, base, mode=self.mode, **kwargs)
+    def generate(self, base: Any, sources: Any = None, unit_locations: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+        """Generate with interventions; see `hookvene.generate.intervened_generate` for the arguments. `sources` and
+        `unit_locations` may be given by position, in pyvene's order."""
+        return intervened_generate(self.model, self.slots, base, mode=self.mode, sources=sources,
+                                   unit_locations=unit_locations, **kwargs)
 
     # -- parameters, modes, devices ---------------------------------------------------------------------------
 

@@ -6,17 +6,21 @@ Same names and semantics as TL 3.x's `HookedTransformer`, so TL code and teachin
                 run_with_hooks and generate accept a string or a list of strings
     forward     return_type= "logits" | "loss" | "both" | None, loss_per_token= (default: hookvene's ModelOutput)
     weights     W_E, W_pos, W_U, b_U, W_Q/W_K/W_V (layer head d_model d_head), W_O (layer head d_head d_model), b_*,
-                W_in/W_out/b_in/b_out, QK / OV as FactoredMatrix, tokens_to_residual_directions, accumulated_bias
+                W_in/W_out/b_in/b_out (W_gate: gated MLPs), QK / OV as FactoredMatrix, tokens_to_residual_directions,
+                accumulated_bias: GPT-2, GPT-Neo, GPT-NeoX, Llama / Mistral / Qwen2 (T5: W_E, W_U only)
     flags       set_use_attn_result, set_use_split_qkv_input, set_use_attn_in, set_use_hook_mlp_in
     processing  process_weights(fold_ln=, center_writing_weights=, center_unembed=, fold_value_biases=,
-                refactor_factored_attn_matrices=), as `from_pretrained(..., fold_ln=True, ...)` applies it
+                refactor_factored_attn_matrices=), as `from_pretrained(..., fold_ln=True, ...)` applies it (GPT-2,
+                GPT-Neo)
 
 What each architecture supplies: `blocks[l].attn` exposes per-layer views W_Q, W_K, W_V (head d_model d_head), W_O
 (head d_head d_model) and b_Q, b_K, b_V (head d_head), b_O (d_model); `blocks[l].mlp` exposes W_in, W_out, b_in,
-b_out. They are views of the parameters where the layout allows (an edit through them is seen by the model); the
-model-level stacks here are copies, as in TL. A grouped-query model (Llama, GPT-NeoX style) exposes its key/value
-weights per query head (each kv head repeated for its group, TL's `ungroup_grouped_query_attention` view) as
-W_K / W_V, so QK and OV stay (layer, head, ...).
+b_out (a gated MLP also W_gate: hook_pre = x @ W_gate, hook_pre_linear = x @ W_in + b_in, as TL's GatedMLP). They
+are views of the parameters where the layout allows (an edit through them is seen by the model); the model-level
+stacks here are copies, as in TL. A grouped-query model (Llama / Mistral / Qwen2 with n_kv_heads < n_heads) follows
+TL 3.x's GroupedQueryAttention: `attn._W_K` / `_W_V` / `_b_K` / `_b_V` are per key/value head (views), and W_K / W_V /
+b_K / b_V repeat each for the query heads of its group (copies), so QK and OV stay (layer, head, ...). On rotary
+models q and k are hooked and weighed before the rotation: x @ W_Q + b_Q is `hook_q`, not `hook_rot_q`.
 """
 
 from collections.abc import Sequence
@@ -57,8 +61,21 @@ class LensModel(HookedModule):
     """TransformerLens's `HookedTransformer` API on top of a hooked model (module docstring)."""
 
     tokenizer: Any = None  # set by `from_pretrained` from the checkpoint directory, or assign your own
-    normalization_type: str = "LN"  # "LNPre" once `fold_ln` has folded the LayerNorm weights away
     default_prepend_bos: bool = True
+
+    @property
+    def normalization_type(self) -> str | None:
+        """TransformerLens's `normalization_type`: "LN" (GPT-2, GPT-Neo, GPT-NeoX), "RMS" (Llama, T5), None (GRU,
+        MLP), from the config class's `tl_cfg`; "LNPre" once `fold_ln` has folded the LayerNorm weights away."""
+        own = self.__dict__.get("_normalization_type")
+        if own is not None:
+            return own
+        cfg = self.__dict__.get("_config")
+        return getattr(type(cfg), "tl_cfg", {}).get("normalization_type", "LN") if cfg is not None else "LN"
+
+    @normalization_type.setter
+    def normalization_type(self, value: str | None) -> None:
+        self.__dict__["_normalization_type"] = value
 
     # -- tokenizer ---------------------------------------------------------------------------------------------
     def _tokenizer(self) -> Any:
@@ -208,16 +225,26 @@ class LensModel(HookedModule):
     def _blocks(self, what: str) -> Any:
         blocks = getattr(self, "blocks", None)
         if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "W_Q"):
-            raise ValueError(f"{type(self).__name__} has no {what}: TransformerLens's weight views and weight "
-                             f"processing are implemented for the decoder-only transformers GPT-2 and GPT-Neo")
+            raise ValueError(f"{type(self).__name__} has no {what}: TransformerLens's weight views are implemented "
+                             f"for the decoder-only transformers (GPT-2, GPT-Neo, GPT-NeoX, Llama / Mistral / "
+                             f"Qwen2); T5 has W_E and W_U only, the GRU and the MLP classifier none")
         return blocks
 
     def _stack(self, module: str, name: str) -> Tensor:
-        return torch.stack([getattr(getattr(b, module), name) for b in self._blocks(name)])
+        blocks = self._blocks(name)
+        if not hasattr(getattr(blocks[0], module), name):
+            raise ValueError(f"{type(self).__name__} has no {name}: it is the gate of a gated MLP (Llama-family "
+                             f"models); this model's MLP is not gated")
+        return torch.stack([getattr(getattr(b, module), name) for b in blocks])
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.weight
+        embed = getattr(self, "embed", None)
+        embed = getattr(self, "shared", None) if embed is None else embed  # T5: one embedding for both stacks
+        if not isinstance(embed, nn.Embedding):
+            raise ValueError(f"{type(self).__name__} has no token embedding as TransformerLens's W_E (weight views "
+                             f"are for the transformers: GPT-2, GPT-Neo, GPT-NeoX, Llama-family, T5)")
+        return embed.weight
 
     @property
     def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
@@ -233,6 +260,9 @@ class LensModel(HookedModule):
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         if not getattr(self, "has_lm_head", False):
             raise ValueError(f"{type(self).__name__} has no LM head (W_U): load it with lm_head=True")
+        if not isinstance(getattr(self, "unembed", None), nn.Linear):
+            raise ValueError(f"{type(self).__name__} has no TransformerLens unembedding (W_U): weight views are for "
+                             f"the transformers (GPT-2, GPT-Neo, GPT-NeoX, Llama-family, T5)")
         return self.unembed.weight.T
 
     @property
@@ -250,6 +280,7 @@ class LensModel(HookedModule):
     b_V = property(lambda self: self._stack("attn", "b_V"), doc="(layer, head, d_head)")
     b_O = property(lambda self: self._stack("attn", "b_O"), doc="(layer, d_model)")
     W_in = property(lambda self: self._stack("mlp", "W_in"), doc="(layer, d_model, d_mlp)")
+    W_gate = property(lambda self: self._stack("mlp", "W_gate"), doc="(layer, d_model, d_mlp): gated MLPs only")
     W_out = property(lambda self: self._stack("mlp", "W_out"), doc="(layer, d_mlp, d_model)")
     b_in = property(lambda self: self._stack("mlp", "b_in"), doc="(layer, d_mlp)")
     b_out = property(lambda self: self._stack("mlp", "b_out"), doc="(layer, d_model)")
@@ -329,6 +360,9 @@ class LensModel(HookedModule):
         refactor_factored_attn_matrices: W_Q, W_K (biases appended) and W_V, W_O are re-factored by SVD so that
             both QK factors carry half the spectrum and W_O has orthonormal rows; QK and OV are unchanged."""
         blocks = self._blocks("weights to process")
+        if not (hasattr(self, "pos_embed") and hasattr(blocks[0], "use_split_qkv_input")):
+            raise ValueError(f"weight processing (fold_ln, center_writing_weights, ...) is implemented for GPT-2 and "
+                             f"GPT-Neo; {type(self).__name__} is not supported (its weight views work unprocessed)")
         if getattr(self, "has_lm_head", False) and self.unembed.weight is self.embed.weight:
             self.unembed.weight = nn.Parameter(self.embed.weight.detach().clone())  # untie: W_E and W_U change apart
         for module in [b.attn for b in blocks] + ([self.unembed] if getattr(self, "has_lm_head", False) else []):

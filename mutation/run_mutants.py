@@ -7,7 +7,8 @@ One mutant at a time (`--max-children 1`), torch on one thread.
 
     python mutation/run_mutants.py                      # every group, then the report
     python mutation/run_mutants.py loading interventions
-    python mutation/run_mutants.py --rerun loading      # refresh tests in the existing copy, rerun its survivors
+    python mutation/run_mutants.py --rerun loading      # rerun the survivors with the current tests (the existing
+                                                        # copy, or a fresh one and the survivors kept in results.json)
     python mutation/run_mutants.py --resume loading     # continue an interrupted run (results are kept per mutant)
     python mutation/run_mutants.py --rev HEAD plan      # mutate the last commit, not the working tree
     python mutation/run_mutants.py --report-only        # fold the copies' results into results.json, rebuild REPORT.md
@@ -82,6 +83,7 @@ GROUPS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     ),
 }
 
+STORE = ROOT / "mutation" / "results.json"  # the kept results (see `collect`)
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
 
 
@@ -214,7 +216,20 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
     work = workdir / group
     log = workdir / f"{group}.log"
     start = time.time()
-    if rerun and (work / "mutants").exists():
+    if rerun and not (work / "mutants").exists():  # no copy left (a new machine): the kept survivors, fresh copy
+        kept = json.loads(STORE.read_text()) if STORE.exists() else {}
+        survivors = sorted(n for f in files for n in kept.get(f, {}).get("survivors", {}))
+        if not survivors:
+            print(f"[{group}] no kept survivors to rerun")
+            return
+        copy_tree(work, rev)
+        write_config(work, files, tests)
+        log.write_text("")
+        (workdir / f"{group}.rerun").write_text("\n".join(survivors))
+        print(f"[{group}] rerunning {len(survivors)} kept survivors in a fresh copy (log: {log})")
+        mutmut(work, "run", "--max-children", "1", *survivors, log=log)
+        (workdir / f"{group}.results.json").write_text(json.dumps(results(workdir, group), indent=1))
+    elif rerun and (work / "mutants").exists():
         survivors = sorted(n for n, s in results(workdir, group).items() if s not in DETECTED)
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests")
@@ -254,6 +269,16 @@ def collect(workdir: Path, store: Path) -> None:
         first_path = workdir / f"{group}.before.json"
         first = json.loads(first_path.read_text()) if first_path.exists() else st
         rev_path = workdir / f"{group}.revision"
+        rerun_path = workdir / f"{group}.rerun"
+        if rerun_path.exists():  # only the kept survivors ran: those detected now leave the survivor list
+            for f in files:
+                if f not in saved:
+                    continue
+                for n in [n for n in saved[f]["survivors"] if st.get(n) in DETECTED]:
+                    was = saved[f]["survivors"].pop(n)["status"]
+                    saved[f]["detected"] += 1
+                    saved[f]["survived" if was == "survived" else "no_tests"] -= 1
+            continue
         for f in files:
             prefix = f.removesuffix(".py").replace("/", ".") + "."
             mine = {n: s for n, s in st.items() if n.startswith(prefix) and s != "not checked"}
@@ -315,7 +340,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run in the existing copy")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--report", default=ROOT / "mutation" / "REPORT.md", type=Path)
-    ap.add_argument("--results", default=ROOT / "mutation" / "results.json", type=Path,
+    ap.add_argument("--results", default=STORE, type=Path,
                     help="the kept results, one entry per module (updated from --workdir, then rendered)")
     ap.add_argument("--rev", help="mutate this git revision (e.g. HEAD) instead of the working tree")
     args = ap.parse_args()

@@ -108,7 +108,7 @@ def test_trace_on_an_ioi_prompt(kind, tmp_path, capsys):
     assert f"figure: {tmp_path / f'trace_{kind}.png'}" in out
 
 
-@pytest.mark.parametrize("kind", ["heads", "resid_pre", "mlp_layer"])
+@pytest.mark.parametrize("kind", ["heads", "resid_pre", "mlp_layer", "heads_v"])
 def test_patch_on_ioi_prompts(kind, tmp_path, capsys):
     main(["patch", "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " Alice",
           "--kind", kind, "--out", str(tmp_path)])

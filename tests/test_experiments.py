@@ -633,3 +633,120 @@ def test_models_the_sweeps_cannot_run_raise_clearly():
         for name, run in runs.items():
             with pytest.raises(ValueError, match=f"{name} works on .*decoder-only.*got {type(m).__name__}"):
                 run(m)
+
+
+# -- TransformerLens-style metrics (one number per batch) and the q/k/v head kinds ----------------------------------
+
+def tl_logit_diff(logits):
+    """TL's patching metric: one number for the batch (the mean logit difference at the last position)."""
+    rows = torch.arange(logits.shape[0])
+    return (logits[rows, -1, ANSWER] - logits[rows, -1, WRONG]).mean()
+
+
+def tl_spread(logits, answer=5, wrong=8):
+    """Not a mean over rows (max and min over the batch), with TL-style defaulted extra arguments."""
+    return logits[:, -1, answer].max() - logits[:, -1, wrong].min()
+
+
+def patched_metric(model, hook, index, clean, corrupted, metric):
+    """One cell by hand: the corrupted run with clean[index] written into `hook`, then metric(logits)."""
+    _, cache = model.run_with_cache(clean, names_filter=[hook])
+
+    def write(x, hook):
+        x = x.clone()
+        x[index] = cache[hook.name][index]
+        return x
+    with torch.no_grad():
+        logits = model.run_with_hooks(corrupted, fwd_hooks=[(hook, write)]).logits
+        return float(metric(logits))
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "heads", "heads_v_pos", "pattern", "mlp_layer"])
+def test_scalar_metric_equals_mean_of_per_row_metric(model, kind):
+    per_row = activation_patch(model, CLEAN, CORRUPTED, METRIC, kind=kind, batch_size=10)
+    scalar = activation_patch(model, CLEAN, CORRUPTED, tl_logit_diff, kind=kind, batch_size=10)
+    plain = activation_patch(model, CLEAN, CORRUPTED, lambda lg, ex: METRIC(lg, ex), kind=kind, batch_size=10)
+    assert (scalar.values - per_row.values).abs().max().item() <= ATOL
+    assert (plain.values - per_row.values).abs().max().item() <= ATOL
+    assert scalar.clean == pytest.approx(per_row.clean, abs=ATOL)
+    assert scalar.corrupted == pytest.approx(per_row.corrupted, abs=ATOL)
+    assert (per_row.values - per_row.corrupted).abs().max() > 1e-3
+
+
+def test_scalar_metric_sees_the_whole_batch_of_each_cell(model):
+    """A metric that is not a mean over rows: each cell is the metric of that cell's patched batch, as TL's
+    get_act_patch_resid_pre gives, checked against a hand-written hook loop."""
+    res = activation_patch(model, CLEAN, CORRUPTED, tl_spread, kind="resid_pre", batch_size=7)
+    ref = torch.tensor([[patched_metric(model, f"blocks.{layer}.hook_resid_pre", (slice(None), p), CLEAN, CORRUPTED,
+                                        tl_spread) for p in range(SEQ)] for layer in range(model.cfg.n_layers)])
+    assert (res.values - ref).abs().max().item() <= ATOL
+    with torch.no_grad():
+        assert res.corrupted == pytest.approx(float(tl_spread(model(CORRUPTED).logits)), abs=ATOL)
+        assert res.clean == pytest.approx(float(tl_spread(model(CLEAN).logits)), abs=ATOL)
+    assert (ref - res.corrupted).abs().max() > 1e-3
+
+
+def test_scalar_metric_in_attribution_patch(affine_model):
+    per_row = attribution_patch(affine_model, CLEAN, CORRUPTED, METRIC, kind="heads")
+    scalar = attribution_patch(affine_model, CLEAN, CORRUPTED, tl_logit_diff, kind="heads")
+    assert (scalar.values - per_row.values).abs().max().item() <= ATOL
+    assert scalar.corrupted == pytest.approx(per_row.corrupted, abs=ATOL)
+
+
+@pytest.mark.parametrize("metric", [lambda logits: logits[:, -1, :2], lambda logits: "no", lambda lg, ex: lg[:, -1]])
+def test_metric_of_another_shape_is_refused(model, metric):
+    with pytest.raises(ValueError, match="one number for the whole batch.*one value per row"):
+        activation_patch(model, CLEAN, CORRUPTED, metric, kind="attn_layer")
+
+
+def qkv_by_hand(model, kind, clean, corrupted, metric):
+    """The q/k/v sweep with hand-written hooks, one cell at a time (TL's get_act_patch_attn_head_*_all_pos and
+    _by_pos), in activation_patch's row/column order; k and v cells count key/value heads."""
+    x = kind.split("_")[1]
+    n = model.cfg.n_heads if x == "q" else getattr(model.cfg, "n_kv_heads", None) or model.cfg.n_heads
+    n_pos = corrupted.shape[1]
+    rows = []
+    for layer in range(model.cfg.n_layers):
+        hook = f"blocks.{layer}.attn.hook_{x}"
+        if kind.endswith("_pos"):
+            rows += [[patched_metric(model, hook, (slice(None), p, h), clean, corrupted, metric)
+                      for p in range(n_pos)] for h in range(n)]
+        else:
+            rows.append([patched_metric(model, hook, (slice(None), slice(None), h), clean, corrupted, metric)
+                         for h in range(n)])
+    return torch.tensor(rows)
+
+
+def mean_of(metric):
+    return lambda logits: metric(logits, torch.arange(logits.shape[0])).mean()
+
+
+@pytest.mark.parametrize("kind", ["heads_q", "heads_k", "heads_v", "heads_q_pos", "heads_k_pos", "heads_v_pos"])
+def test_qkv_kinds_equal_hand_written_hooks(model, kind):
+    res = activation_patch(model, CLEAN, CORRUPTED, METRIC, kind=kind, batch_size=10)
+    ref = qkv_by_hand(model, kind, CLEAN, CORRUPTED, mean_of(METRIC))
+    assert res.values.shape == ref.shape
+    assert (res.values - ref).abs().max().item() <= ATOL
+    assert (ref - res.corrupted).abs().max() > 1e-3, "the sweep is trivial"
+    assert res.col_label == ("position" if kind.endswith("_pos") else "head")
+
+
+@pytest.mark.parametrize("kind", ["heads_v", "heads_v_pos"])
+def test_attribution_exact_for_values_on_affine_model(affine_model, kind):
+    """With attention frozen the logits are affine in each head's values: attribution patching is exact."""
+    exact = activation_patch(affine_model, CLEAN, CORRUPTED, METRIC, kind=kind)
+    approx = attribution_patch(affine_model, CLEAN, CORRUPTED, METRIC, kind=kind)
+    assert approx.rows == exact.rows and approx.cols == exact.cols
+    assert (exact.values - exact.corrupted).abs().max() > 1e-2
+    assert (approx.values - exact.values).abs().max().item() <= ATOL
+
+
+def test_qkv_kinds_equal_intervenable_model(model):
+    """heads_q equals pyvene's head_query_output swapped per head (an IntervenableModel loop)."""
+    res = activation_patch(model, CLEAN, CORRUPTED, METRIC, kind="heads_q")
+    for layer in range(model.cfg.n_layers):
+        pv_model = pv.IntervenableModel([{"layer": layer, "component": "head_query_output", "unit": "h",
+                                          "intervention_type": pv.VanillaIntervention}], model=model)
+        for h in range(model.cfg.n_heads):
+            _, out = pv_model(base=CORRUPTED, sources=[CLEAN], unit_locations={"sources->base": h})
+            assert res.values[layer, h].item() == pytest.approx(mean_metric(METRIC, out.logits), abs=ATOL)

@@ -146,3 +146,14 @@ def test_activation_patch_equals_cell_by_cell(kind):
     assert res.values.shape == ref.shape
     assert (res.values - ref).abs().max() <= 1e-5
     assert (ref - res.corrupted).abs().max() > 1e-3, "the sweep is trivial"
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_weight_views_reproduce_the_forward(parallel):
+    """W_Q ... b_out as views of the fused head-major qkv projection and the Linear weights (TransformerLens's)."""
+    from tests.test_lens import check_weight_views
+
+    model = pv.from_pretrained(tiny("GPTNeoXForCausalLM", use_parallel_residual=parallel))
+    check_weight_views(model, torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5)), False)
+    assert model.b_Q.abs().sum() > 0 and model.blocks[1].mlp.W_out.data_ptr() == \
+        model.blocks[1].mlp.proj.weight.data_ptr()

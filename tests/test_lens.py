@@ -5,6 +5,9 @@ Checked against direct computations on the same weights (and, for weight process
 scripts/compare_transformer_lens.py runs the same checks against TransformerLens 3.5.1 itself.
 """
 
+import pickle
+from copy import deepcopy
+
 import pytest
 import torch
 
@@ -383,3 +386,159 @@ def test_test_prompt_reports_rank_and_probability(ioi, capsys):
     printed = capsys.readouterr().out
     assert "Tokenized answer: [' Mary']" in printed and "Rank: 0" in printed and "Top 0th token" in printed
     assert ranks == [0]
+
+
+# -- weight views on the rotary models (shared with tests/test_llama.py and tests/test_gpt_neox.py) -------------------
+
+def check_weight_views(model, tokens, gated: bool):
+    """The views reproduce the forward: hook_q/k/v (before the rotation) from ln1's output, each head's z @ W_O
+    (the hook_result of `compute_head_results`) summing with b_O to hook_attn_out, the MLP from its views, the
+    logits from W_U; QK / OV are per query head; per-layer views are views of the parameters."""
+    cfg = model.cfg
+    n_kv = getattr(cfg, "n_kv_heads", None) or cfg.n_heads
+    group = cfg.n_heads // n_kv
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        for layer in range(cfg.n_layers):
+            attn, mlp = model.blocks[layer].attn, model.blocks[layer].mlp
+            x = cache[f"blocks.{layer}.ln1.hook_normalized"]
+            close(torch.einsum("bpm,hmd->bphd", x, model.W_Q[layer]) + model.b_Q[layer], cache["q", layer])
+            for name, W, b in (("k", model.W_K, model.b_K), ("v", model.W_V, model.b_V)):
+                own_W, own_b = (getattr(attn, f"_W_{name.upper()}"), getattr(attn, f"_b_{name.upper()}")) \
+                    if group > 1 else (W[layer], b[layer])
+                close(torch.einsum("bpm,hmd->bphd", x, own_W) + own_b, cache[name, layer])  # per kv head
+                close(W[layer], own_W.repeat_interleave(group, 0), atol=0)  # TL 3.x: W_K repeats each kv head
+                close(b[layer], own_b.repeat_interleave(group, 0), atol=0)
+            per_head = torch.einsum("bphd,hdm->bphm", cache["z", layer], model.W_O[layer])
+            close(per_head.sum(2) + model.b_O[layer], cache["attn_out", layer])
+            x2 = cache[f"blocks.{layer}.ln2.hook_normalized"]
+            if gated:
+                close(x2 @ model.W_gate[layer] + mlp.b_gate, cache["pre", layer])
+                close(x2 @ model.W_in[layer] + model.b_in[layer], cache[f"blocks.{layer}.mlp.hook_pre_linear"])
+            else:
+                close(x2 @ model.W_in[layer] + model.b_in[layer], cache["pre", layer])
+            close(cache["post", layer] @ model.W_out[layer] + model.b_out[layer], cache["mlp_out", layer])
+            assert attn.W_Q.data_ptr() == next(p for n, p in attn.named_parameters() if n in ("q.weight",
+                                                                                            "qkv.weight")).data_ptr()
+        close(cache["ln_final.hook_normalized"] @ model.W_U + model.b_U, cache["hook_logits"])
+        cache.compute_head_results()
+        for layer in range(cfg.n_layers):
+            close(cache["result", layer],
+                  torch.einsum("bphd,hdm->bphm", cache["z", layer], model.blocks[layer].attn.W_O))
+        close(cache.decompose_resid().sum(0), cache["resid_post", cfg.n_layers - 1])
+        for layer, mlp_input, ln in ((None, False, model.ln_final), (1, False, model.blocks[1].ln1),
+                                     (1, True, model.blocks[1].ln2)):  # LayerNorm's cached scale, RMSNorm's computed
+            if mlp_input and not hasattr(model.blocks[1], "hook_resid_mid"):
+                continue  # parallel GPT-NeoX: ln2 reads resid_pre, there is no MLP input to decompose
+            stack = cache.decompose_resid(layer, mlp_input=mlp_input, apply_ln=True)
+            bias = getattr(ln, "bias", None)
+            key = "ln_final" if layer is None else f"blocks.{layer}.ln{2 if mlp_input else 1}"
+            close(stack.sum(0) * ln.weight + (0 if bias is None else bias), cache[f"{key}.hook_normalized"])
+        heads = cache.stack_head_results(1)
+        close(heads.sum(0) + model.b_O[0], cache["attn_out", 0])
+    L, H, d, dh = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
+    assert model.W_Q.shape == model.W_K.shape == model.W_V.shape == (L, H, d, dh)
+    assert model.W_O.shape == (L, H, dh, d) and model.b_O.shape == (L, d) and model.b_K.shape == (L, H, dh)
+    assert model.QK.shape == model.OV.shape == (L, H, d, d)
+    close(model.QK[1, 2].AB, model.W_Q[1, 2] @ model.W_K[1, 2].T)
+    close(model.OV[1, 2].AB, model.W_V[1, 2] @ model.W_O[1, 2])
+    with torch.no_grad():  # an edit through a per-layer view reaches the model
+        attn = model.blocks[0].attn
+        attn.W_Q[1, 2, 3] += 1.0
+        changed = model(tokens).logits
+        attn.W_Q[1, 2, 3] -= 1.0
+        assert not torch.allclose(changed, model(tokens).logits)
+    if not gated:
+        with pytest.raises(ValueError, match="not gated"):
+            _ = model.W_gate
+    with pytest.raises(ValueError, match="implemented for GPT-2 and GPT-Neo"):
+        model.process_weights()
+
+
+# -- TransformerLens's cfg fields ---------------------------------------------------------------------------------
+
+def every_architecture():
+    from hookvene.models.gpt2 import GPT2LM, GPT2Config
+    from hookvene.models.gpt_neo import GPTNeoConfig, GPTNeoLM
+    from hookvene.models.gpt_neox import GPTNeoXConfig, GPTNeoXLM
+    from hookvene.models.gru import GRUClassifier, GRUConfig
+    from hookvene.models.llama import LlamaConfig, LlamaLM
+    from hookvene.models.mlp import MLPClassifier, MLPConfig
+    from hookvene.models.t5 import T5LM, T5Config
+
+    small = dict(d_vocab=50, n_ctx=16, d_model=16, n_layers=2, n_heads=4)
+    return {  # name: (model, eps, normalization_type, positional_embedding_type, d_vocab, n_ctx, act_fn, d_head)
+        "gpt2": (GPT2LM(GPT2Config(**small, ln_eps=1e-4)), 1e-4, "LN", "standard", 50, 16, "gelu_new", 4),
+        "gpt_neo": (GPTNeoLM(GPTNeoConfig(**small, attention_types=("global", "local"))), 1e-5, "LN", "standard",
+                    50, 16, "gelu_new", 4),
+        "gpt_neox": (GPTNeoXLM(GPTNeoXConfig(**small)), 1e-5, "LN", "rotary", 50, 16, "gelu", 4),
+        "llama": (LlamaLM(LlamaConfig(**small, n_kv_heads=2, d_mlp=24, rms_eps=1e-5)), 1e-5, "RMS", "rotary", 50, 16,
+                  "silu", 4),
+        "t5": (T5LM(T5Config(d_vocab=50, d_model=16, d_kv=8, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                             n_heads=2)), 1e-6, "RMS", "relative_positional_bias", 50, None, "relu", 8),
+        "gru": (GRUClassifier(GRUConfig(h_dim=8, n_layer=1)), None, None, None, 50257, None, None, None),
+        "mlp": (MLPClassifier(MLPConfig(h_dim=8, n_layer=1)), None, None, None, None, None, "gelu", None),
+    }
+
+
+def test_tl_cfg_fields_on_every_architecture():
+    for name, (model, eps, norm, pos, d_vocab, n_ctx, act_fn, d_head) in every_architecture().items():
+        cfg = model.cfg
+        assert (cfg.eps, cfg.normalization_type, cfg.positional_embedding_type) == (eps, norm, pos), name
+        assert model.normalization_type == norm, name
+        assert getattr(cfg, "d_vocab", None) == d_vocab and getattr(cfg, "n_ctx", None) == n_ctx, name
+        assert getattr(cfg, "act_fn", None) == act_fn and getattr(cfg, "d_head", None) == d_head, name
+        assert cfg.device == torch.device("cpu") and cfg.dtype == torch.float32, name
+        model.to(torch.float64)
+        assert cfg.dtype == torch.float64 and model.cfg.dtype == torch.float64, name  # follows the model
+        assert pickle.loads(pickle.dumps(cfg)) == cfg, name  # still plain data
+        assert "device" not in vars(cfg) and "dtype" not in vars(cfg), name
+
+
+def test_cfg_dtype_follows_each_model_sharing_a_config():
+    from hookvene.models.gpt2 import GPT2LM, GPT2Config
+
+    cfg = GPT2Config(d_vocab=50, n_ctx=16, d_model=16, n_layers=1, n_heads=4)
+    assert cfg.dtype is None and cfg.device is None  # not read through a model yet
+    a, b = GPT2LM(cfg), GPT2LM(cfg).to(torch.float64)
+    assert a.cfg.dtype == torch.float32 and b.cfg.dtype == torch.float64
+    copy = deepcopy(b).to(torch.float16)
+    assert copy.cfg.dtype == torch.float16 and b.cfg.dtype == torch.float64
+
+
+def test_processed_model_reports_lnpre(tiny):
+    _, _, path = tiny
+    processed = pv.from_pretrained(path, fold_ln=True)
+    assert processed.cfg.normalization_type == "LNPre" and processed.normalization_type == "LNPre"
+
+
+# -- models without the views or decompositions say so -------------------------------------------------------------
+
+def test_t5_gru_and_mlp_say_what_they_do_not_support():
+    models = every_architecture()
+    t5, gru, mlp = models["t5"][0], models["gru"][0], models["mlp"][0]
+    ids = torch.randint(0, 50, (1, 4))
+    assert t5.W_E is t5.shared.weight and t5.W_U.shape == (16, 50)
+    _, t5_cache = t5.run_with_cache(ids, decoder_input_ids=ids)
+    _, gru_cache = gru.run_with_cache(inputs_embeds=torch.randn(1, 3, 8))
+    _, mlp_cache = mlp.run_with_cache(inputs_embeds=torch.randn(1, 1, 8))
+    for cache, what in ((t5_cache, "encoder-decoder"), (gru_cache, "not a transformer"),
+                        (mlp_cache, "not a transformer")):
+        for method in ("accumulated_resid", "decompose_resid", "stack_head_results", "stack_neuron_results",
+                       "get_full_resid_decomposition", "compute_head_results"):
+            with pytest.raises(ValueError, match=f"need the decoder-only transformer.*{what}"):
+                getattr(cache, method)()
+        with pytest.raises(ValueError, match=what):
+            cache.apply_ln_to_stack(torch.zeros(1, 1, 4, 16))
+    for model in (t5, gru, mlp):
+        for attr in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "W_in", "W_out", "W_gate", "QK", "OV"):
+            with pytest.raises(ValueError, match="weight views are implemented for the decoder-only transformers"):
+                getattr(model, attr)
+        with pytest.raises(ValueError):
+            _ = model.W_pos
+        with pytest.raises(ValueError):
+            model.process_weights()
+    for model in (gru, mlp):
+        for attr in ("W_E", "W_U", "b_U"):
+            with pytest.raises(ValueError):
+                getattr(model, attr)

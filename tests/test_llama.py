@@ -271,3 +271,41 @@ def test_activation_patch_equals_cell_by_cell(mistral, kind):
     assert res.values.shape == ref.shape
     assert (res.values - ref).abs().max() <= 1e-5
     assert (ref - res.corrupted).abs().max() > 1e-3, "the sweep is trivial"
+
+
+# -- TransformerLens's weight views and the q/k/v patching kinds under grouped-query attention ---------------------
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_weight_views_reproduce_the_forward(biases):
+    """W_Q ... W_out, W_gate as TL 3.x: `_W_K` / `_W_V` per key/value head, `W_K` / `W_V` repeated per query head."""
+    from tests.test_lens import check_weight_views
+
+    extra = dict(attention_bias=True, mlp_bias=True) if biases else {}
+    model = pv.from_pretrained(tiny("LlamaForCausalLM", **extra))
+    assert model.cfg.n_kv_heads == 2 and model.cfg.n_heads == 6
+    check_weight_views(model, torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(4)), True)
+    attn = model.blocks[0].attn
+    assert attn._W_K.shape == (2, 96, 16) and attn._W_K.data_ptr() == attn.k.weight.data_ptr()
+    assert bool(model.b_Q.any()) == biases and bool(model.b_O.any()) == biases and bool(model.b_in.any()) == biases
+
+
+@pytest.mark.parametrize("kind", ["heads_q", "heads_k", "heads_v", "heads_q_pos", "heads_k_pos", "heads_v_pos"])
+def test_qkv_patch_kinds_under_grouped_query_attention(mistral, kind):
+    """k and v cells are key/value heads (2 per layer), q cells query heads (6), against hand-written hooks."""
+    from tests.test_experiments import mean_of, qkv_by_hand
+
+    _, model = mistral
+    g = torch.Generator().manual_seed(8)
+    clean = torch.randint(1, VOCAB, (2, 6), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(1, VOCAB, (2,), generator=g)
+    metric = logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
+    res = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=16)
+    ref = qkv_by_hand(model, kind, clean, corrupted, mean_of(metric))
+    n = 6 if kind.startswith("heads_q") else 2
+    assert ref.shape == ((3, n) if not kind.endswith("_pos") else (3 * n, 6))
+    assert res.values.shape == ref.shape
+    assert (res.values - ref).abs().max() <= 1e-5
+    assert (ref - res.corrupted).abs().max() > 1e-3, "the sweep is trivial"
+    if n == 2 and kind.endswith("_pos"):
+        assert res.rows[:3] == ["L0KV0", "L0KV1", "L1KV0"]

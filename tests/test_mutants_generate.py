@@ -93,3 +93,35 @@ def test_pick_next_filters():
     assert {pick_next(flat, True, 100.0, 3, None, g).item() for _ in range(60)} == {0, 1, 2}
     with pytest.raises(ValueError, match=r"^pass max_new_tokens or max_length$"):
         new_token_count(5, None, None)
+
+
+def test_empty_position_lists_intervene_nowhere(model):  # noqa: F811
+    """unit_locations with no position in any row: accepted, and the decode equals the plain one."""
+    ids, mask = left_padded()
+    iv = pv.IntervenableModel(steering_config(model.cfg.n_layers), model)
+    nowhere = {"base": [[[]] * 3] * model.cfg.n_layers}
+    original, out = iv.generate({"input_ids": ids, "attention_mask": mask}, unit_locations=nowhere,
+                                source_representations=vec(scale=3.0), max_new_tokens=NEW,
+                                output_original_output=True)
+    assert_same(out, manual_greedy(model, ids, mask, NEW)[0])
+    assert torch.equal(out, original)
+
+
+def test_serial_mode_reaches_the_prompt_pass(model):  # noqa: F811
+    """mode="serial" (source_0 -> source_1 -> base): the first new token's scores are the serial forward's
+    last-position logits, which differ from the parallel forward's."""
+    ids, mask = left_padded()
+    g = torch.Generator().manual_seed(11)
+    sources = [{"input_ids": torch.randint(1, 50, ids.shape, generator=g), "attention_mask": mask} for _ in range(2)]
+    locations = {"serial": {"source_0->source_1": 5, "source_1->base": 6}, "parallel": {"sources->base": 6}}
+    layers = [{"layer": 0, "component": "block_output"}, {"layer": 1, "component": "block_output"}]
+    base = {"input_ids": ids, "attention_mask": mask}
+    logits = {}
+    for mode in ("serial", "parallel"):
+        iv = pv.IntervenableModel(pv.IntervenableConfig(layers, mode=mode), model)
+        logits[mode] = iv(base, sources, locations[mode])[1].logits[:, -1]
+    assert (logits["serial"] - logits["parallel"]).abs().max() > 1e-3  # the modes really differ here
+    iv = pv.IntervenableModel(pv.IntervenableConfig(layers, mode="serial"), model)
+    _, (out, scores) = iv.generate(base, sources, locations["serial"], intervene_on_prompt=True,
+                                   intervene_on_generated=False, max_new_tokens=2, output_scores=True)
+    torch.testing.assert_close(scores[:, 0], logits["serial"], rtol=0, atol=1e-5)

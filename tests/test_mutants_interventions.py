@@ -7,6 +7,8 @@ cannot mix with it), per-example and per-unit subspace rows, partition formats, 
 initial values of trainable parameters, and the exact error messages.
 """
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -303,3 +305,87 @@ def test_autoencoder_needs_a_positive_latent_dim(latent_dim):
                                          rf"number of features\), got {latent_dim!r}$"):
         ivs.AutoencoderIntervention(embed_dim=4, latent_dim=latent_dim)
     assert ivs.AutoencoderIntervention(embed_dim=4, latent_dim=1).autoencoder is not None
+
+
+# -- the autoencoder interventions (pyvene's AutoencoderIntervention and JumpReLUAutoencoderIntervention) --------
+
+@pytest.mark.parametrize("cls, size", [(ivs.AutoencoderIntervention, {"latent_dim": 4}),
+                                       (ivs.JumpReLUAutoencoderIntervention, {"low_rank_dimension": 4})])
+def test_autoencoders_name_themselves_when_embed_dim_is_missing(cls, size):
+    with pytest.raises(ValueError, match=rf"^{cls.__name__} needs embed_dim"):
+        cls(**size)
+
+
+@pytest.mark.parametrize("cls, size", [(ivs.AutoencoderIntervention, "latent_dim"),
+                                       (ivs.JumpReLUAutoencoderIntervention, "low_rank_dimension")])
+def test_autoencoders_name_themselves_when_the_feature_count_is_missing(cls, size):
+    with pytest.raises(ValueError, match=rf"^{cls.__name__} needs {size}, a positive int"):
+        cls(embed_dim=6)
+
+
+def _autoencoder(seed=0):
+    torch.manual_seed(seed)
+    iv = ivs.AutoencoderIntervention(embed_dim=6, latent_dim=5)
+    with torch.no_grad():  # pyvene's Linear init, plus a non-zero decoder bias so `x - b_dec` matters
+        iv.autoencoder.decoder[0].bias.normal_()
+    return iv
+
+
+def test_autoencoder_layer_forward_returns_latent_and_reconstruction():
+    ae = _autoencoder().autoencoder
+    x = torch.randn(3, 6)
+    out = ae(x)
+    assert set(out) == {"latent", "output"}
+    enc, dec = ae.encoder[0], ae.decoder[0]
+    latent = torch.relu((x - dec.bias) @ enc.weight.T + enc.bias)
+    torch.testing.assert_close(out["latent"], latent, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out["output"], latent @ dec.weight.T + dec.bias, rtol=0, atol=1e-6)
+    assert enc.bias is not None and dec.bias is not None  # both Linear layers carry a bias, as pyvene's do
+
+
+def test_autoencoder_subspaces_covering_every_feature_give_the_source_reconstruction():
+    iv = _autoencoder()
+    base, source = _pair(2, 6)
+    out = iv(base, source, subspaces=[list(range(5))] * 2)  # every latent: subspace_mask is None
+    torch.testing.assert_close(out, iv.autoencoder.decode(iv.autoencoder.encode(source)), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [[1, 3], (1, 3), torch.tensor([1, 3])])
+def test_autoencoder_interchange_dim_as_a_list_tuple_or_tensor(dim):
+    iv = _autoencoder()
+    iv.set_interchange_dim(dim)
+    base, source = _pair(2, 6)
+    ae = iv.autoencoder
+    zb, zs = ae.encode(base), ae.encode(source)
+    zb[:, [1, 3]] = zs[:, [1, 3]]
+    torch.testing.assert_close(iv(base, source), ae.decode(zb), rtol=0, atol=1e-6)
+    setting = iv.settings()["interchange_dim"]  # JSON-ready: a tensor becomes a list
+    assert list(setting) == [1, 3] and json.loads(json.dumps(setting)) == [1, 3]
+
+
+def test_autoencoders_return_the_base_dtype():
+    """Parameters in float32, activations in float64: the inputs are cast to the parameters' dtype (a float64 input
+    cannot meet float32 weights in a matmul) and the output back to the base's dtype."""
+    base, source = _pair(2, 6, dtype=torch.float64)
+    iv = _autoencoder()
+    iv.set_interchange_dim([0, 2])
+    out = iv(base, source)
+    assert out.dtype == torch.float64
+    jr = ivs.JumpReLUAutoencoderIntervention(embed_dim=6, low_rank_dimension=4)
+    with torch.no_grad():
+        for p in jr.parameters():
+            p.normal_()
+    out = jr(base, source)
+    assert out.dtype == torch.float64
+    want = jr.decode(jr.encode(source.float()))  # no subspaces: every feature from the source
+    torch.testing.assert_close(out, want.double(), rtol=0, atol=1e-6)
+
+
+def test_jumprelu_threshold_is_strict():
+    """SAELens's JumpReLU: z = pre * (pre > threshold); a pre-activation equal to its threshold gives 0."""
+    jr = ivs.JumpReLUAutoencoderIntervention(embed_dim=3, low_rank_dimension=2)
+    with torch.no_grad():
+        jr.b_enc.copy_(torch.tensor([0.5, 0.75]))
+        jr.threshold.copy_(torch.tensor([0.5, 0.25]))  # feature 0 sits exactly at its threshold
+    z = jr.encode(torch.zeros(1, 3))
+    assert z.tolist() == [[0.0, 0.75]]

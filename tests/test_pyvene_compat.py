@@ -282,3 +282,244 @@ def test_pyvene_bin_with_a_pickled_object_is_refused(lm, tmp_path):
                tmp_path / f"intkey_{key}.bin")
     with pytest.raises(ValueError, match="weights_only=True"):
         pv.IntervenableModel.load(str(tmp_path), lm)
+
+
+# -- HuggingFace names inside Llama, GPT-NeoX and T5 ----------------------------------------------------------------
+# Code written for `transformers` (pyvene's test oracles among it) rebuilds a forward pass from HF's attribute names.
+# Each test below walks a hookvene model by those names only, with arithmetic written out here, and must land on the
+# model's own logits: a misdirected alias (ln1 for ln2, k for v, the wrong rotary width) shows as a logit error. The
+# aliases must be the model's own objects and leave the state_dict and the hook names as they were.
+
+def attention_by_hand(q, k, v, scale, bias=None, causal=True):
+    """softmax(q k^T * scale + bias [+ causal mask]) v on (batch, head, pos, d) tensors."""
+    scores = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias
+    if causal:
+        n_q, n_k = scores.shape[-2:]
+        future = torch.ones(n_q, n_k, dtype=torch.bool).triu(n_k - n_q + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def rotate_by_hand(x, cos, sin):
+    """Rotary embedding on (batch, head, pos, d): the first d_rot dims, pair (i, i + d_rot/2) turned by its angle."""
+    d_rot = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]  # batch 1 pos d_rot
+    x_rot, x_rest = x[..., :d_rot], x[..., d_rot:]
+    lo, hi = x_rot[..., : d_rot // 2], x_rot[..., d_rot // 2:]
+    turned = torch.cat([lo * cos[..., : d_rot // 2] - hi * sin[..., : d_rot // 2],
+                        hi * cos[..., d_rot // 2:] + lo * sin[..., d_rot // 2:]], dim=-1)
+    return torch.cat([turned, x_rest], dim=-1)
+
+
+def heads(x, n_heads):
+    """(batch, pos, n_heads * d) -> (batch, head, pos, d)."""
+    return x.unflatten(-1, (n_heads, -1)).transpose(1, 2)
+
+
+def unheads(x):
+    return x.transpose(1, 2).flatten(2)
+
+
+def names_snapshot(model):
+    return list(model.state_dict()), list(model.hook_dict), [n for n, _ in model.named_modules()]
+
+
+def assert_no_hf_names(model, hf_names):
+    """Keys, hooks and registered modules carry hookvene's names only: no alias became a submodule or a buffer."""
+    for name in [*model.state_dict(), *model.hook_dict, *(n for n, _ in model.named_modules())]:
+        assert not set(name.split(".")) & set(hf_names), name
+
+
+def llama_logits_by_hf_names(lm, ids):
+    m = lm.model
+    cfg = m.config
+    h = m.embed_tokens(ids)
+    cos, sin = m.rotary_emb(h, torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
+    for layer in m.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        x = layer.input_layernorm(h)
+        q = rotate_by_hand(heads(att.q_proj(x), cfg.num_attention_heads), cos, sin)
+        k = rotate_by_hand(heads(att.k_proj(x), cfg.num_key_value_heads), cos, sin)
+        v = heads(att.v_proj(x), cfg.num_key_value_heads)
+        k, v = (t.repeat_interleave(att.num_key_value_groups, dim=1) for t in (k, v))
+        assert q.shape[-1] == att.head_dim
+        h = h + att.o_proj(unheads(attention_by_hand(q, k, v, att.head_dim**-0.5)))
+        x = layer.post_attention_layernorm(h)
+        h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    return lm.lm_head(m.norm(h))
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    from tests.test_parity import redraw_
+
+    cfg = transformers.LlamaConfig(vocab_size=37, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 16},
+                                   tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = redraw_(transformers.LlamaForCausalLM(cfg).eval(), seed=3)
+    return hf, pv.from_pretrained(hf)
+
+
+def test_llama_forward_by_hf_names_reproduces_the_logits(llama_pair):
+    hf, lm = llama_pair
+    before = names_snapshot(lm)
+    x = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        close(llama_logits_by_hf_names(lm, x), lm(x).logits)
+        # rotary_emb answers as transformers' LlamaRotaryEmbedding does (llama3 frequency scaling included)
+        pos, probe = torch.arange(30).expand(2, -1), torch.zeros(2, 6, 30, 8)
+        for ours, theirs in zip(lm.model.rotary_emb(probe, pos), hf.model.rotary_emb(probe, pos)):
+            assert ours.shape == theirs.shape == (2, 30, 8)
+            close(ours, theirs)
+    assert names_snapshot(lm) == before
+    assert_no_hf_names(lm, ["model", "layers", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj",
+                            "gate_proj", "up_proj", "down_proj", "input_layernorm", "post_attention_layernorm",
+                            "rotary_emb", "inv_freq", "embed_tokens", "norm", "lm_head"])
+    assert "blocks.1.attn.q.weight" in lm.state_dict() and "blocks.1.attn.hook_rot_q" in lm.hook_dict
+
+
+def test_llama_hf_names_are_the_models_own_objects(llama_pair):
+    _, lm = llama_pair
+    layer, block = lm.model.layers[1], lm.blocks[1]
+    assert lm.model is lm and lm.model.embed_tokens is lm.embed and lm.model.norm is lm.ln_final
+    assert lm.lm_head is lm.unembed and lm.model.layers is lm.blocks
+    assert layer.input_layernorm is block.ln1 and layer.post_attention_layernorm is block.ln2
+    assert layer.self_attn is block.attn and layer.mlp is block.mlp
+    for hf_name, ours in [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v"), ("o_proj", "out")]:
+        assert getattr(layer.self_attn, hf_name).weight is getattr(block.attn, ours).weight
+    for hf_name, ours in [("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")]:
+        assert getattr(layer.mlp, hf_name).weight is getattr(block.mlp, ours).weight
+    assert layer.input_layernorm.weight is block.ln1.weight
+    assert (layer.self_attn.head_dim, layer.self_attn.num_key_value_groups) == (8, 3)
+    assert lm.model.config.num_key_value_heads == 2 and lm.model.rotary_emb.attention_scaling == 1.0
+
+
+def neox_logits_by_hf_names(lm, ids):
+    m = lm.gpt_neox
+    h = m.embed_in(ids)
+    cos, sin = m.rotary_emb(h, torch.arange(ids.shape[1]).expand(ids.shape[0], -1))
+    for layer in m.layers:
+        att, mlp = layer.attention, layer.mlp
+        qkv = heads(att.query_key_value(layer.input_layernorm(h)), att.num_attention_heads)  # [q_h, k_h, v_h]
+        q, k, v = qkv.split(att.head_size, dim=-1)
+        q, k = rotate_by_hand(q, cos, sin), rotate_by_hand(k, cos, sin)
+        attn = att.dense(unheads(attention_by_hand(q, k, v, att.head_size**-0.5)))
+        mlp_in = h if layer.use_parallel_residual else h + attn
+        mlp_out = mlp.dense_4h_to_h(mlp.act(mlp.dense_h_to_4h(layer.post_attention_layernorm(mlp_in))))
+        h = h + attn + mlp_out
+    return lm.embed_out(m.final_layer_norm(h))
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gpt_neox_forward_by_hf_names_reproduces_the_logits(parallel):
+    from tests.test_parity import redraw_
+
+    cfg = transformers.GPTNeoXConfig(vocab_size=37, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
+                                     use_parallel_residual=parallel, tie_word_embeddings=False,
+                                     attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = redraw_(transformers.GPTNeoXForCausalLM(cfg).eval(), seed=4)
+    lm = pv.from_pretrained(hf)
+    before = names_snapshot(lm)
+    x = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        close(neox_logits_by_hf_names(lm, x), lm(x).logits)
+        pos, probe = torch.arange(20).expand(2, -1), torch.zeros(2, 4, 20, 8)
+        for ours, theirs in zip(lm.gpt_neox.rotary_emb(probe, pos), hf.gpt_neox.rotary_emb(probe, pos)):
+            assert ours.shape == theirs.shape == (2, 20, 4)  # partial rotary: 4 of 8 dimensions
+            close(ours, theirs)
+    assert names_snapshot(lm) == before
+    assert_no_hf_names(lm, ["gpt_neox", "layers", "attention", "query_key_value", "dense", "dense_h_to_4h",
+                            "dense_4h_to_h", "input_layernorm", "post_attention_layernorm", "embed_in",
+                            "final_layer_norm", "embed_out", "lm_head", "rotary_emb", "inv_freq"])
+    layer, block = lm.gpt_neox.layers[1], lm.blocks[1]
+    assert lm.gpt_neox is lm and lm.gpt_neox.layers is lm.blocks and lm.gpt_neox.embed_in is lm.embed
+    assert lm.gpt_neox.final_layer_norm is lm.ln_final and lm.embed_out is lm.lm_head is lm.unembed
+    assert layer.input_layernorm is block.ln1 and layer.post_attention_layernorm is block.ln2
+    assert layer.attention is block.attn and layer.attention.query_key_value.weight is block.attn.qkv.weight
+    assert layer.attention.dense.bias is block.attn.out.bias and layer.mlp.dense_h_to_4h.weight is block.mlp.fc.weight
+    assert layer.mlp.dense_4h_to_h is block.mlp.proj and layer.use_parallel_residual is parallel
+    y = torch.randn(2, 3, 32)
+    assert torch.equal(layer.post_attention_dropout(y), y) and torch.equal(lm.gpt_neox.emb_dropout(y), y)
+
+
+def t5_logits_by_hf_names(lm, enc_ids, dec_ids):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    cfg = lm.config
+
+    def position_bias(table, n_q, n_k, bidirectional):  # transformers' own bucketing, over our stack's table
+        rel = torch.arange(n_k)[None, :] - torch.arange(n_q)[:, None]
+        bucket = T5Attention._relative_position_bucket(rel, bidirectional, cfg.relative_attention_num_buckets,
+                                                       cfg.relative_attention_max_distance)
+        return table.weight[bucket].permute(2, 0, 1)[None]  # 1 head q k
+
+    def attend(att, x, kv, bias, causal):
+        q, k, v = (heads(proj(src), att.n_heads) for proj, src in ((att.q, x), (att.k, kv), (att.v, kv)))
+        assert q.shape[-1] == att.key_value_proj_dim and att.inner_dim == att.n_heads * att.key_value_proj_dim
+        return att.o(unheads(attention_by_hand(q, k, v, 1.0, bias, causal)))  # T5 does not scale the scores
+
+    def feed_forward(sub, h):
+        ff, x = sub.DenseReluDense, sub.layer_norm(h)
+        inner = ff.act(ff.wi_0(x)) * ff.wi_1(x) if hasattr(ff, "wi_0") else ff.act(ff.wi(x))
+        return h + sub.dropout(ff.wo(ff.dropout(inner)))
+
+    h = lm.shared(enc_ids)
+    bias = position_bias(lm.encoder.relative_attention_bias, enc_ids.shape[1], enc_ids.shape[1], True)
+    for block in lm.encoder.block:
+        attn, ff = block.layer
+        x = attn.layer_norm(h)
+        h = h + attn.dropout(attend(attn.SelfAttention, x, x, bias, causal=False))
+        h = feed_forward(ff, h)
+    enc = lm.encoder.final_layer_norm(h)
+    h = lm.shared(dec_ids)
+    bias = position_bias(lm.decoder.relative_attention_bias, dec_ids.shape[1], dec_ids.shape[1], False)
+    for block in lm.decoder.block:
+        attn, cross, ff = block.layer
+        x = attn.layer_norm(h)
+        h = h + attend(attn.SelfAttention, x, x, bias, causal=True)
+        h = h + attend(cross.EncDecAttention, cross.layer_norm(h), enc, None, causal=False)
+        h = feed_forward(ff, h)
+    out = lm.decoder.final_layer_norm(h)
+    if cfg.scale_decoder_outputs:
+        out = out * lm.model_dim**-0.5
+    return lm.lm_head(out)
+
+
+@pytest.mark.parametrize("variant", ["relu", "gated"])
+def test_t5_forward_by_hf_names_reproduces_the_logits(variant):
+    from tests.test_parity import redraw_
+
+    ff = dict(relu=dict(feed_forward_proj="relu"), gated=dict(feed_forward_proj="gated-gelu"))[variant]
+    cfg = transformers.T5Config(vocab_size=37, d_model=24, d_kv=5, d_ff=40, num_layers=2, num_decoder_layers=2,
+                                num_heads=3, relative_attention_num_buckets=8, relative_attention_max_distance=12,
+                                dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, **ff)
+    torch.manual_seed(0)
+    hf = redraw_(transformers.T5ForConditionalGeneration(cfg).eval(), seed=5)
+    lm = pv.from_pretrained(hf)
+    before = names_snapshot(lm)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 37, (2, 14), generator=g), torch.randint(0, 37, (2, 7), generator=g)
+    with torch.no_grad():
+        close(t5_logits_by_hf_names(lm, x, y), lm(x, decoder_input_ids=y).logits)
+    assert names_snapshot(lm) == before
+    assert_no_hf_names(lm, ["block", "layer", "SelfAttention", "EncDecAttention", "DenseReluDense", "layer_norm",
+                            "final_layer_norm", "lm_head", "dropout", "0.layer", "1.layer"])
+    enc_block, dec_block = lm.encoder.block[1], lm.decoder.block[0]
+    assert lm.encoder.block is lm.encoder.blocks and lm.decoder.final_layer_norm is lm.decoder.ln_final
+    assert enc_block.layer[0].SelfAttention is lm.encoder.blocks[1].attn
+    assert enc_block.layer[0].layer_norm.weight is lm.encoder.blocks[1].ln1.weight
+    assert enc_block.layer[1].layer_norm is lm.encoder.blocks[1].ln2
+    assert enc_block.layer[1].DenseReluDense is lm.encoder.blocks[1].mlp
+    assert dec_block.layer[1].EncDecAttention.q.weight is lm.decoder.blocks[0].cross_attn.q.weight
+    assert dec_block.layer[1].layer_norm is lm.decoder.blocks[0].ln2 and dec_block.layer[2].layer_norm is \
+        lm.decoder.blocks[0].ln3
+    assert dec_block.layer[2].DenseReluDense.wo.weight is lm.decoder.blocks[0].mlp.wo.weight
+    assert lm.lm_head is lm.unembed and lm.model_dim == 24

@@ -26,12 +26,13 @@ from hookvene.experiments.ioi import (
 )
 from hookvene.experiments.ioi import logit_diff as ioi_logit_diff
 from hookvene.experiments.ioi_analysis import IOIReport, ioi_analysis
-from hookvene.experiments.patching import KINDS, activation_patch, attribution_patch, compare
+from hookvene.experiments.patching import ALL_KINDS, KINDS, activation_patch, attribution_patch, compare
 from hookvene.experiments.path_patching import path_patch
 from hookvene.experiments.results import SweepResult, UnreliableGapWarning
 from hookvene.experiments.sae_patching import feature_attribution, feature_patch
 
 __all__ = [
+    "ALL_KINDS",
     "KINDS",
     "IOIReport",
     "InductionReport",

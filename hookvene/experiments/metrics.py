@@ -5,8 +5,14 @@ with one position per example, e.g. the last real token of right-padded prompts)
 the sweeps compute the unembedding there only, instead of over every position (a third of GPT-2 small's work on
 short prompts). Any function `f(logits (rows, pos, d_vocab), example_idx (rows,)) -> (rows,)` works as a metric
 too, just without that saving.
+
+The sweeps also take TransformerLens's kind of metric: `f(logits (batch, pos, d_vocab)) -> one number` (a 0-d
+tensor or a float), e.g. `lambda logits: (logits[:, -1, a] - logits[:, -1, b]).mean()`, applied to the logits of
+the whole batch of one patched run, as TL's `patching.get_act_patch_*` do. `metric_output` calls a metric either way
+and tells the two apart by what it returns: (rows,) is per row, a 0-d value is one number for the batch.
 """
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +21,43 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-Metric = Callable[[Tensor, Tensor], Tensor]  # (logits (rows, pos, d_vocab), example index per row) -> (rows,)
+# (logits (rows, pos, d_vocab), example index per row) -> (rows,); or TransformerLens's (logits) -> a number
+Metric = Callable[[Tensor, Tensor], Tensor] | Callable[[Tensor], Tensor | float]
+
+
+def takes_example_index(metric: Callable) -> bool:
+    """Whether to call `metric(logits, example_idx)` (hookvene's convention) rather than `metric(logits)`
+    (TransformerLens's): a function with one required positional argument gets the logits alone, so TL metrics
+    with extra defaulted arguments (`def metric(logits, answer_tokens=answer_tokens)`) keep their defaults."""
+    if isinstance(metric, PositionMetric):
+        return True
+    try:
+        params = list(inspect.signature(metric).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): hookvene's convention
+        return True
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 2
+
+
+def metric_output(metric: Callable, logits: Float[Tensor, "rows pos d_vocab"], ex: Int[Tensor, " rows"]) -> Tensor:
+    """The metric on these rows' logits: a (rows,) tensor from a per-row metric, a 0-d tensor from a
+    TransformerLens-style one (one number for the whole batch). Any other shape is an error."""
+    raw = metric(logits, ex) if takes_example_index(metric) else metric(logits)
+    out = raw
+    if not isinstance(out, Tensor):
+        try:
+            out = torch.tensor(out, dtype=torch.float64, device=logits.device)
+        except (TypeError, ValueError, RuntimeError):
+            out = None
+    if out is not None and (out.ndim == 0 or tuple(out.shape) == (logits.shape[0],)):
+        return out
+    got = f"shape {tuple(out.shape)}" if out is not None else f"a {type(raw).__name__}"
+    raise ValueError(f"metric {getattr(metric, '__name__', type(metric).__name__)!r} returned {got} for logits of "
+                     f"shape {tuple(logits.shape)}: a metric returns one number for the whole batch (a 0-d tensor or "
+                     f"a float, TransformerLens's patching metrics) or one value per row ({logits.shape[0]},) "
+                     f"(hookvene's, called as metric(logits, example_idx))")
 
 
 class PositionMetric:

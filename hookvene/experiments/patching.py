@@ -13,8 +13,22 @@ Kinds (cells, and the grid they fill):
     heads                                                      (layer, head)       layers x heads    (hook_z)
     heads_pos                                                  (layer, head, pos)  "L{l}H{h}" x positions
     pattern                                                    (layer, head)       layers x heads    (hook_pattern)
+    heads_q / heads_k / heads_v                                (layer, head)       layers x heads    (hook_q/k/v)
+    heads_q_pos / heads_k_pos / heads_v_pos                    (layer, head, pos)  "L{l}H{h}" x positions
     sae_features (pass sae=...)                                (feature, pos)      features x positions
                                                                (hookvene.experiments.sae_patching)
+
+The q/k/v kinds are TransformerLens's `get_act_patch_attn_head_{q,k,v}_all_pos` and `..._by_pos`: one head's query,
+key or value vectors (`blocks.{l}.attn.hook_q` / `hook_k` / `hook_v`, before any rotary rotation, as in TL). Under
+grouped-query attention (Llama-family models with n_kv_heads < n_heads) the k and v cells are key/value heads
+(n_kv_heads of them per layer, labelled "L{l}KV{h}" in the _pos grids): one cell changes what all the query heads of
+its group read.
+
+`metric` is a hookvene per-row metric (`logit_diff`, `prob`, ..., or `f(logits, example_idx) -> (rows,)`; a cell's
+value is its mean over the examples) or a TransformerLens-style metric, `f(logits) -> one number` (a 0-d tensor or
+a float), applied to the patched logits of the whole batch, as TL's `patching.get_act_patch_*` apply it. A function
+with one required argument is called with the logits alone; the shape of what it returns tells the two apart
+(`hookvene.experiments.metrics.metric_output`).
 """
 
 from dataclasses import dataclass
@@ -24,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from hookvene.distributed import all_sum, check_same, is_distributed, rank, world_size
-from hookvene.experiments.metrics import Metric
+from hookvene.experiments.metrics import Metric, metric_output
 from hookvene.experiments.results import SweepResult
 from hookvene.experiments.sae_patching import KIND as SAE_KIND
 from hookvene.experiments.sae_patching import feature_attribution, feature_patch
@@ -46,6 +60,7 @@ class Kind:
     hook: str  # template with {layer}
     layout: tuple[str, ...]  # names of the hook tensor's dims after batch
     cell: tuple[str, ...]  # the dims a cell fixes (besides the layer)
+    heads: str = "n_heads"  # the config field counting the hook's heads (n_kv_heads: grouped keys and values)
 
 
 KINDS = {
@@ -61,6 +76,14 @@ KINDS = {
     "pattern": Kind("blocks.{layer}.attn.hook_pattern", ("head", "q", "k"), ("head",)),
 }
 
+# Each head's query, key and value vectors (TransformerLens's get_act_patch_attn_head_{q,k,v}_all_pos / _by_pos).
+QKV_KINDS = {
+    f"heads_{x}{suffix}": Kind(f"blocks.{{layer}}.attn.hook_{x}", ("pos", "head", "d"), cell,
+                               "n_heads" if x == "q" else "n_kv_heads")
+    for x in "qkv" for suffix, cell in (("", ("head",)), ("_pos", ("head", "pos")))
+}
+ALL_KINDS = {**KINDS, **QKV_KINDS}
+
 
 def _need_sae(sae: Any, kind: str) -> Any:
     if sae is None or kind not in (SAE_KIND, "resid_pre"):  # "resid_pre" is the default: sae= alone is enough
@@ -70,26 +93,29 @@ def _need_sae(sae: Any, kind: str) -> Any:
 
 
 def _kind(kind: str) -> Kind:
-    if kind not in KINDS:
-        raise ValueError(f"unknown sweep kind {kind!r}; choose one of {', '.join(KINDS)}, or {SAE_KIND} "
+    if kind not in ALL_KINDS:
+        raise ValueError(f"unknown sweep kind {kind!r}; choose one of {', '.join(ALL_KINDS)}, or {SAE_KIND} "
                          f"(with sae=...)")
-    return KINDS[kind]
+    return ALL_KINDS[kind]
 
 
 def _grid(model: nn.Module, kind: Kind, n_pos: int) -> tuple[list[list[Any]], list[str], list[str], str, str]:
     """Cells as (layer, {dim: value}) in row-major grid order, with row/col labels."""
     cfg = model.cfg
-    sizes = {"pos": n_pos, "head": cfg.n_heads}
+    n_heads = getattr(cfg, kind.heads, None) or cfg.n_heads  # n_kv_heads: only grouped-query configs have it
+    grouped = n_heads != cfg.n_heads
+    sizes = {"pos": n_pos, "head": n_heads}
     layers = list(range(cfg.n_layers))
     if kind.cell == ("head", "pos"):
-        rows = [(layer, h) for layer in layers for h in range(cfg.n_heads)]
+        rows = [(layer, h) for layer in layers for h in range(n_heads)]
         cells = [[layer, {"head": h, "pos": p}] for layer, h in rows for p in range(n_pos)]
-        return cells, [f"L{layer}H{h}" for layer, h in rows], [str(p) for p in range(n_pos)], "head", "position"
+        return cells, [f"L{layer}{'KV' if grouped else 'H'}{h}" for layer, h in rows], \
+            [str(p) for p in range(n_pos)], "kv head" if grouped else "head", "position"
     if not kind.cell:
         return [[layer, {}] for layer in layers], [str(x) for x in layers], ["all"], "layer", ""
     (dim,) = kind.cell
     cells = [[layer, {dim: i}] for layer in layers for i in range(sizes[dim])]
-    label = "position" if dim == "pos" else "head"
+    label = "position" if dim == "pos" else ("kv head" if grouped else "head")
     return cells, [str(x) for x in layers], [str(i) for i in range(sizes[dim])], "layer", label
 
 
@@ -178,7 +204,12 @@ def attribution_patch(model: nn.Module, clean: Any, corrupted: Any, metric: Metr
 
     with torch.enable_grad():
         out = model.run_with_hooks(**corrupted, fwd_hooks=[("hook_embed", leaf)] + [(h, keep) for h in hooks])
-        m = metric(out.logits, mine.to(out.logits.device)).sum() / n  # this share's part of the mean over all n
+        m = metric_output(metric, out.logits, mine.to(out.logits.device))
+        if m.ndim == 0 and split:
+            raise ValueError("attribution_patch under torch.distributed splits the examples between ranks, so it "
+                             "needs a per-row metric (f(logits, example_idx) -> (rows,)), not one number for the "
+                             "whole batch")
+        m = m if m.ndim == 0 else m.sum() / n  # per row: this share's part of the mean over all n
         grads = torch.autograd.grad(m, [acts[h] for h in hooks], allow_unused=True)
     keep_dims = [i + 1 for i, d in enumerate(k.layout) if d in k.cell]
     sum_dims = [i + 1 for i, d in enumerate(k.layout) if d not in k.cell]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hookvene.experiments.metrics import Metric
+from hookvene.experiments.metrics import Metric, metric_output
 from hookvene.experiments.results import SweepResult
 from hookvene.experiments.sweep import Cell, check_model, first_read_position, record, run_cells, sweep_pair
 from hookvene.plan import Patch
@@ -103,7 +103,7 @@ def feature_attribution(model: nn.Module, sae: nn.Module, clean: Any, corrupted:
         with torch.enable_grad():
             out = model.run_with_hooks(**corrupted, fwd_hooks=[(site, keep)])
             ex = torch.arange(out.logits.shape[0], device=out.logits.device)
-            m = metric(out.logits, ex).mean()
+            m = metric_output(metric, out.logits, ex).mean()  # per-row metrics averaged; a TL metric as is
             (grad,) = torch.autograd.grad(m, [acts["corrupted"]])
     idx = torch.tensor(feats, device=grad.device)
     # the metric is a mean over examples, so the gradient already holds the 1/B

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from hookvene.distributed import assign, check_same, gather_objects, is_distributed, is_main, rank, sum_disjoint
 from hookvene.experiments.ioi import METRIC_FIELDS
-from hookvene.experiments.metrics import Metric, PositionMetric
+from hookvene.experiments.metrics import Metric, PositionMetric, metric_output, takes_example_index
 from hookvene.hooks import StopForward
 from hookvene.models.common import KVCache
 from hookvene.plan import Attachment, Patch, attach, patch_rows
@@ -131,9 +131,10 @@ def first_read_position(metric: Metric, inputs: dict[str, Tensor]) -> int:
 def metric_values(model: nn.Module, resid: Tensor, metric: Metric, example_of_row: Tensor, offset: int = 0) -> Tensor:
     """The metric per row from the residual stream leaving the last block, `resid` (rows, pos, d_model), whose
     first position is absolute position `offset`. A PositionMetric gets the unembedding at its positions only
-    (and of its tokens only, when it names them)."""
+    (and of its tokens only, when it names them). A TransformerLens-style metric (one number for the batch)
+    returns a 0-d tensor (see `metric_output`)."""
     if not isinstance(metric, PositionMetric):
-        return metric(model.unembed_resid(resid), example_of_row)
+        return metric_output(metric, model.unembed_resid(resid), example_of_row)
     rows = torch.arange(resid.shape[0], device=resid.device)
     final = resid[rows, metric.positions(example_of_row, offset + resid.shape[1]) - offset]
     tokens = None if metric.tokens is None else metric.tokens(example_of_row)
@@ -359,7 +360,8 @@ def _shift(p: Patch, offset: int) -> Patch:
 
 def run_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], metric: Metric, resume: Resume,
               batch_size: int = 64, progress: bool | str = False) -> Tensor:
-    """The mean metric over the examples of each cell's patched run: a (len(cells),) tensor.
+    """The mean metric over the examples of each cell's patched run: a (len(cells),) tensor. A TransformerLens-style
+    metric (one number for a batch, see `metrics.metric_output`) is applied to each cell's rows, in example order.
 
     `stored[key]` holds the (examples, ...) activations patches read; `resume` is the run being patched.
     `batch_size` bounds the rows of one forward pass (the memory budget). Under torch.distributed the ranks share
@@ -374,7 +376,16 @@ def run_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor]
     out = torch.zeros(len(cells), device=device, dtype=torch.float64 if model.dtype == torch.float64 else None)
     with torch.no_grad():
         for chunk in _chunks(model, cells, stored, resume, batch_size, progress, last_only):
-            values = metric_values(model, chunk.x, metric, chunk.example_of_row, offset=n_pos - chunk.x.shape[1])
+            # a TransformerLens-style metric (logits -> one number) is written for one batch: call it per cell
+            values = None if not takes_example_index(metric) else metric_values(
+                model, chunk.x, metric, chunk.example_of_row, offset=n_pos - chunk.x.shape[1])
+            if values is None or values.ndim == 0:
+                logits = model.unembed_resid(chunk.x)  # (a chunk holds every row of each of its cells)
+                for c in chunk.cells:
+                    rows = (chunk.cell_of_row == c).nonzero().squeeze(1)
+                    rows = rows[chunk.example_of_row[rows].argsort()]  # the batch in example order, as TL runs it
+                    out[c] = metric_output(metric, logits[rows], chunk.example_of_row[rows]).to(out.dtype)
+                continue
             sums = torch.zeros(len(cells), dtype=out.dtype, device=device)
             sums.index_add_(0, chunk.cell_of_row, values.to(out.dtype))
             out[chunk.cells] = sums[chunk.cells] / n_ex

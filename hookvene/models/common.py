@@ -2,6 +2,7 @@
 masks, attention, KV cache, outputs, and KV-cached decoding (`generate`)."""
 
 import math
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
@@ -35,6 +36,20 @@ class HookedModel(LensModel):
     # model does not offer them.
     hidden_state_hooks: ClassVar[tuple[str, str] | None] = None
     attention_hook: ClassVar[str | None] = None
+
+    @property
+    def cfg(self) -> Any:
+        """The model's config. Reading it through the model binds it to the model, so that TransformerLens's
+        `cfg.device` / `cfg.dtype` follow `model.to(...)` (see `HFAliases`)."""
+        cfg = self.__dict__.get("_config")
+        if cfg is None:
+            raise AttributeError(f"{type(self).__name__} has no cfg")
+        bind_config(cfg, self)
+        return cfg
+
+    @cfg.setter
+    def cfg(self, cfg: Any) -> None:
+        self.__dict__["_config"] = cfg
 
     def __call__(self, *args: Any, output_hidden_states: bool | None = None, output_attentions: bool | None = None,
                  return_dict: bool | None = None, **kwargs: Any) -> Any:
@@ -93,14 +108,66 @@ class HookedModel(LensModel):
         return (texts, out[1]) if isinstance(out, tuple) else texts
 
 
+# config id -> the model it was last read through (`HookedModel.cfg`); a side table, so the config itself stays
+# plain data (pickles, prints and compares as before)
+_BOUND: dict[int, weakref.ref] = {}
+
+
+def bind_config(cfg: Any, model: nn.Module) -> None:
+    """Remember `model` as the model `cfg` describes (for `cfg.device` / `cfg.dtype`)."""
+    ref = _BOUND.get(id(cfg))
+    if ref is not None and ref() is model:
+        return
+    if ref is None:
+        try:
+            weakref.finalize(cfg, _BOUND.pop, id(cfg), None)
+        except TypeError:  # a config that cannot be weakly referenced: no binding
+            return
+    _BOUND[id(cfg)] = weakref.ref(model)
+
+
+def bound_model(cfg: Any) -> nn.Module | None:
+    """The model `cfg` was last read through, if it is still alive."""
+    ref = _BOUND.get(id(cfg))
+    return ref() if ref is not None else None
+
+
+EPS_FIELDS = ("ln_eps", "rms_eps")  # TransformerLens's `cfg.eps` is whichever of these a config has
+
+
 class HFAliases:
-    """Lets a model config answer to its HuggingFace attribute names (`config.n_embd` -> `config.d_model`)."""
+    """Lets a model config answer to its HuggingFace attribute names (`config.n_embd` -> `config.d_model`) and to
+    TransformerLens's `cfg` names: `tl_cfg` (one line per config class) maps a TL name to a constant of the
+    architecture (`normalization_type`, `positional_embedding_type`, ...); `eps` is the norm's epsilon field;
+    `device` and `dtype` follow the model the config was read from (`model.cfg`), so after
+    `model.to(torch.float64)` `model.cfg.dtype` is float64 (None for a config not read through a model).
+    `normalization_type` follows the model too: "LNPre" once `fold_ln` has folded the LayerNorm weights."""
 
     hf_aliases: ClassVar[dict[str, str]] = {}
+    tl_cfg: ClassVar[dict[str, str | None]] = {}
+
+    @property
+    def device(self) -> torch.device | None:
+        model = bound_model(self)
+        return getattr(model, "device", None)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        model = bound_model(self)
+        return getattr(model, "dtype", None)
 
     def __getattr__(self, name: str) -> Any:
         if name in RUNTIME_FLAGS:  # not set on this config: transformers' default
             return RUNTIME_FLAGS[name]
+        tl = type(self).tl_cfg
+        if name in tl:
+            if name == "normalization_type" and bound_model(self) is not None:
+                return getattr(bound_model(self), "normalization_type", tl[name])
+            return tl[name]
+        if name == "eps":
+            for field in EPS_FIELDS:
+                if field in self.__dict__:
+                    return self.__dict__[field]
         alias = type(self).hf_aliases.get(name)
         if alias is None:
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
@@ -258,6 +325,22 @@ def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Tensor,
     x1, x2 = x_rot[..., : d_rot // 2], x_rot[..., d_rot // 2:]
     rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
     return rotated if x_pass.shape[-1] == 0 else torch.cat([rotated, x_pass], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """HuggingFace's `model.rotary_emb` (Llama's, GPT-NeoX's), for code that rebuilds the forward by HF's names:
+    `rotary_emb(x, position_ids) -> (cos, sin)`, each (batch, pos, d_rot) in x's dtype, from the angles the model
+    itself rotates by. The models build one on access (an alias): it holds no parameters and is never registered."""
+
+    attention_scaling = 1.0  # HF's factor on cos and sin: 1 for every rope type hookvene implements
+
+    def __init__(self, inv_freq: Float[Tensor, " half_rot"]) -> None:
+        super().__init__()
+        self.inv_freq = inv_freq
+
+    def forward(self, x: Tensor, position_ids: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, x.dtype)  # batch pos 1 d_rot
+        return cos.squeeze(2), sin.squeeze(2)
 
 
 def attend(q: Float[Tensor, "batch q_pos head d_head"], k: Float[Tensor, "batch k_pos kv_head d_head"],

@@ -58,6 +58,8 @@ class GPT2Config(HFAliases):
     ln_eps: float = 1e-5
     tie_word_embeddings: bool = True
 
+    # TransformerLens's cfg names (see HFAliases in models/common.py)
+    tl_cfg: ClassVar[dict[str, str | None]] = {"normalization_type": "LN", "positional_embedding_type": "standard"}
     hf_aliases: ClassVar[dict[str, str]] = {
         "vocab_size": "d_vocab", "n_positions": "n_ctx", "max_position_embeddings": "n_ctx",
         "n_embd": "d_model", "hidden_size": "d_model", "n_layer": "n_layers", "num_hidden_layers": "n_layers",

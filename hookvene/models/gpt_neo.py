@@ -61,6 +61,8 @@ class GPTNeoConfig(HFAliases):
     attention_types: tuple[str, ...] = ("global", "local") * 6
     tie_word_embeddings: bool = True
 
+    # TransformerLens's cfg names (see HFAliases in models/common.py)
+    tl_cfg: ClassVar[dict[str, str | None]] = {"normalization_type": "LN", "positional_embedding_type": "standard"}
     hf_aliases: ClassVar[dict[str, str]] = {
         "vocab_size": "d_vocab", "max_position_embeddings": "n_ctx", "n_positions": "n_ctx",
         "hidden_size": "d_model", "n_embd": "d_model", "num_layers": "n_layers", "n_layer": "n_layers",

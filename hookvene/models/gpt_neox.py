@@ -33,12 +33,14 @@ from hookvene.models.common import (
     KVCache,
     LayerNorm,
     ModelOutput,
+    RotaryEmbedding,
     alias,
     apply_rotary,
     attend,
     causal_mask,
     check_length,
     check_tokens,
+    identity_alias,
     layer_slice,
     merge_heads,
     rope_inv_freq,
@@ -68,6 +70,8 @@ class GPTNeoXConfig(HFAliases):
     attn_bias: bool = True  # biases on the qkv and output projections
     tie_word_embeddings: bool = False
 
+    # TransformerLens's cfg names (see HFAliases in models/common.py)
+    tl_cfg: ClassVar[dict[str, str | None]] = {"normalization_type": "LN", "positional_embedding_type": "rotary"}
     hf_aliases: ClassVar[dict[str, str]] = {
         "vocab_size": "d_vocab", "max_position_embeddings": "n_ctx", "hidden_size": "d_model",
         "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "intermediate_size": "d_mlp",
@@ -128,6 +132,23 @@ class Attention(nn.Module):
         z = self.hook_z(z)  # batch pos head d_head: each head's mix of values, before `out`
         return self.out(merge_heads(z))
 
+    # TransformerLens's weight layout, as views of the fused head-major projection (rows [q_h, k_h, v_h] per head
+    # h) and the (out, in) output Linear: an edit through them reaches the model. Before the rotary rotation:
+    # x @ W_Q + b_Q is `hook_q`. Without attention biases (attn_bias=False) the biases read as zeros.
+    def _qkv_part(self, i: int) -> Float[Tensor, "head d_model d_head"]:
+        w = self.qkv.weight
+        return w.view(self.n_heads, 3, -1, w.shape[1])[:, i].transpose(1, 2)
+
+    def _qkv_bias(self, i: int) -> Float[Tensor, "head d_head"]:
+        b = self.qkv.bias if self.qkv.bias is not None else self.qkv.weight.new_zeros(self.qkv.weight.shape[0])
+        return b.view(self.n_heads, 3, -1)[:, i]
+
+    W_Q, W_K, W_V = (property(lambda self, i=i: self._qkv_part(i)) for i in range(3))
+    b_Q, b_K, b_V = (property(lambda self, i=i: self._qkv_bias(i)) for i in range(3))
+    W_O = property(lambda self: self.out.weight.view(self.out.weight.shape[0], self.n_heads, -1).permute(1, 2, 0))
+    b_O = property(lambda self: self.out.bias if self.out.bias is not None
+                   else self.out.weight.new_zeros(self.out.weight.shape[0]))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTNeoXConfig) -> None:
@@ -141,6 +162,10 @@ class MLP(nn.Module):
         pre = self.hook_pre(self.fc(x))  # batch pos d_mlp
         post = self.hook_post(self.act(pre))
         return self.proj(post)
+
+    # TransformerLens's names, as views of the (out, in) Linear weights
+    W_in, b_in = property(lambda self: self.fc.weight.T), property(lambda self: self.fc.bias)
+    W_out, b_out = property(lambda self: self.proj.weight.T), property(lambda self: self.proj.bias)
 
 
 class Block(nn.Module):
@@ -228,6 +253,22 @@ GPTNeoX.config, GPTNeoX.embed_in = alias("cfg"), alias("embed")
 GPTNeoX.layers, GPTNeoX.final_layer_norm = alias("blocks"), alias("ln_final")
 GPTNeoX.gpt_neox = property(lambda self: self, doc="HuggingFace's `model.gpt_neox`: the model itself.")
 GPTNeoXLM.embed_out, GPTNeoXLM.lm_head = alias("unembed"), alias("unembed")
+# Inside the model (for code that rebuilds the forward by HF's names): `gpt_neox.rotary_emb`,
+# `layers[i].attention.query_key_value`, `layers[i].mlp.dense_h_to_4h`, ...
+GPTNeoX.rotary_emb = property(lambda self: RotaryEmbedding(rope_inv_freq(
+    self.cfg.d_rotary, self.cfg.rope_theta, self.cfg.rope_type, self.cfg.rope_factor)),
+    doc="HuggingFace's `gpt_neox.rotary_emb`.")
+GPTNeoX.emb_dropout = identity_alias("emb_dropout")
+Block.input_layernorm, Block.post_attention_layernorm = alias("ln1"), alias("ln2")
+Block.attention, Block.use_parallel_residual = alias("attn"), alias("parallel")
+Block.post_attention_dropout, Block.post_mlp_dropout = identity_alias("post_attention_dropout"), \
+    identity_alias("post_mlp_dropout")
+Attention.query_key_value, Attention.dense = alias("qkv"), alias("out")
+Attention.num_attention_heads, Attention.scaling, Attention.layer_idx = alias("n_heads"), alias("scale"), \
+    alias("layer")
+Attention.head_size = property(lambda self: self.out.in_features // self.n_heads, doc="d_head.")
+Attention.attention_dropout = 0.0  # HF's dropout probability: there is no dropout here
+MLP.dense_h_to_4h, MLP.dense_4h_to_h = alias("fc"), alias("proj")
 # `outputs.hidden_states` / `outputs.attentions` (see HookedModel.__call__)
 GPTNeoX.hidden_state_hooks = ("blocks.{i}.hook_resid_pre", "ln_final.hook_normalized")
 GPTNeoX.attention_hook = "blocks.{i}.attn.hook_pattern"

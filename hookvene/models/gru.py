@@ -58,6 +58,9 @@ class GRUConfig(HFAliases):
     initializer_range: float  # std of the embeddings' normal init
     d_in: int  # width of layer 0's input (default: d_model)
 
+    # TransformerLens's cfg names (see HFAliases in models/common.py)
+    tl_cfg: ClassVar[dict[str, str | None]] = {"normalization_type": None, "positional_embedding_type": None,
+                                               "eps": None}
     hf_aliases: ClassVar[dict[str, str]] = {
         "n_layer": "n_layers", "num_layers": "n_layers", "num_hidden_layers": "n_layers",
         "h_dim": "d_model", "hidden_size": "d_model", "d_hidden": "d_model", "input_size": "d_in",

@@ -32,6 +32,7 @@ from hookvene.models.common import (
     HookedModel,
     KVCache,
     ModelOutput,
+    RotaryEmbedding,
     alias,
     apply_rotary,
     attend,
@@ -78,6 +79,8 @@ class LlamaConfig(HFAliases):
     layer_types: tuple[str, ...] | None = None  # per layer; None: every layer slides when sliding_window is set
     tie_word_embeddings: bool = False
 
+    # TransformerLens's cfg names (see HFAliases in models/common.py)
+    tl_cfg: ClassVar[dict[str, str | None]] = {"normalization_type": "RMS", "positional_embedding_type": "rotary"}
     hf_aliases: ClassVar[dict[str, str]] = {
         "vocab_size": "d_vocab", "max_position_embeddings": "n_ctx", "hidden_size": "d_model",
         "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads",
@@ -161,6 +164,35 @@ class Attention(nn.Module):
         z = self.hook_z(z)  # batch pos head d_head: each query head's mix of values, before `out`
         return self.out(merge_heads(z))
 
+    # TransformerLens's weight layout as views of the (out, in) Linear weights (an edit through them reaches the
+    # model). As TL 3.x's grouped-query attention: `_W_K` / `_W_V` / `_b_K` / `_b_V` are per key/value head (views);
+    # `W_K` / `W_V` / `b_K` / `b_V` repeat each for the n_heads / n_kv_heads query heads that read it (copies when
+    # grouped), so QK and OV are per query head. Missing biases read as zeros. All are before the rotary rotation:
+    # x @ W_Q + b_Q is `hook_q`, not `hook_rot_q`.
+    def _heads_in(self, lin: nn.Linear, n: int) -> Float[Tensor, "head d_model d_head"]:
+        return lin.weight.view(n, -1, lin.weight.shape[1]).transpose(1, 2)
+
+    def _head_bias(self, lin: nn.Linear, n: int) -> Float[Tensor, "head d_head"]:
+        return (lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])).view(n, -1)
+
+    def _per_query_head(self, t: Tensor) -> Tensor:
+        group = self.n_heads // self.n_kv_heads
+        return t if group == 1 else t.repeat_interleave(group, dim=0)
+
+    W_Q = property(lambda self: self._heads_in(self.q, self.n_heads))
+    b_Q = property(lambda self: self._head_bias(self.q, self.n_heads))
+    _W_K = property(lambda self: self._heads_in(self.k, self.n_kv_heads))
+    _W_V = property(lambda self: self._heads_in(self.v, self.n_kv_heads))
+    _b_K = property(lambda self: self._head_bias(self.k, self.n_kv_heads))
+    _b_V = property(lambda self: self._head_bias(self.v, self.n_kv_heads))
+    W_K = property(lambda self: self._per_query_head(self._W_K))
+    W_V = property(lambda self: self._per_query_head(self._W_V))
+    b_K = property(lambda self: self._per_query_head(self._b_K))
+    b_V = property(lambda self: self._per_query_head(self._b_V))
+    W_O = property(lambda self: self.out.weight.view(self.out.weight.shape[0], self.n_heads, -1).permute(1, 2, 0))
+    b_O = property(lambda self: self.out.bias if self.out.bias is not None
+                   else self.out.weight.new_zeros(self.out.weight.shape[0]))
+
 
 class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)). Hook names as TransformerLens's gated MLP."""
@@ -178,6 +210,19 @@ class MLP(nn.Module):
         pre_linear = self.hook_pre_linear(self.up(x))  # the linear (ungated) branch
         post = self.hook_post(self.act(pre) * pre_linear)
         return self.down(post)
+
+    # TransformerLens's gated-MLP names, as views: W_gate (d_model d_mlp) makes hook_pre, W_in / b_in the linear
+    # branch hook_pre_linear, W_out / b_out the output. Missing biases read as zeros; b_gate (mlp_bias=True
+    # checkpoints only: TL has no gate bias) is the gate's.
+    W_gate = property(lambda self: self.gate.weight.T)
+    b_gate = property(lambda self: self.gate.bias if self.gate.bias is not None
+                      else self.gate.weight.new_zeros(self.gate.weight.shape[0]))
+    W_in = property(lambda self: self.up.weight.T)
+    W_out = property(lambda self: self.down.weight.T)
+    b_in = property(lambda self: self.up.bias if self.up.bias is not None
+                    else self.up.weight.new_zeros(self.up.weight.shape[0]))
+    b_out = property(lambda self: self.down.bias if self.down.bias is not None
+                     else self.down.weight.new_zeros(self.down.weight.shape[0]))
 
 
 class Block(nn.Module):
@@ -261,6 +306,22 @@ Llama.config, Llama.embed_tokens = alias("cfg"), alias("embed")
 Llama.layers, Llama.norm = alias("blocks"), alias("ln_final")
 Llama.model = property(lambda self: self, doc="HuggingFace's `model.model`: the model itself.")
 LlamaLM.lm_head = alias("unembed")
+# Inside the model (pyvene's Llama oracle rebuilds the forward from these): `model.rotary_emb`,
+# `layers[i].self_attn.q_proj`, `layers[i].mlp.gate_proj`, ...
+Llama.rotary_emb = property(lambda self: RotaryEmbedding(rope_inv_freq(
+    self.cfg.d_head, self.cfg.rope_theta, self.cfg.rope_type, self.cfg.rope_factor, self.cfg.rope_low_freq_factor,
+    self.cfg.rope_high_freq_factor, self.cfg.rope_original_n_ctx)), doc="HuggingFace's `model.rotary_emb`.")
+Block.input_layernorm, Block.post_attention_layernorm = alias("ln1"), alias("ln2")
+Block.self_attn = alias("attn")
+Attention.q_proj, Attention.k_proj, Attention.v_proj = alias("q"), alias("k"), alias("v")
+Attention.o_proj, Attention.scaling, Attention.layer_idx = alias("out"), alias("scale"), alias("layer")
+Attention.num_heads, Attention.num_key_value_heads = alias("n_heads"), alias("n_kv_heads")
+Attention.head_dim = property(lambda self: self.q.out_features // self.n_heads, doc="d_head.")
+Attention.num_key_value_groups = property(lambda self: self.n_heads // self.n_kv_heads,
+                                          doc="Query heads per key/value head.")
+Attention.attention_dropout = 0.0  # HF's dropout probability: there is no dropout here
+MLP.gate_proj, MLP.up_proj, MLP.down_proj, MLP.act_fn = alias("gate"), alias("up"), alias("down"), alias("act")
+RMSNorm.variance_epsilon = alias("eps")
 # `outputs.hidden_states` / `outputs.attentions` (see HookedModel.__call__)
 Llama.hidden_state_hooks = ("blocks.{i}.hook_resid_pre", "ln_final.hook_normalized")
 Llama.attention_hook = "blocks.{i}.attn.hook_pattern"

@@ -40,6 +40,9 @@ class MLPConfig(HFAliases):
     include_bias: bool
     squeeze_output: bool  # logits (batch, n_labels) instead of (batch, pos, n_labels): pos must then be 1
 
+    # TransformerLens's cfg names (see HFAliases in models/common.py)
+    tl_cfg: ClassVar[dict[str, str | None]] = {"normalization_type": None, "positional_embedding_type": None,
+                                               "eps": None}
     hf_aliases: ClassVar[dict[str, str]] = {
         "n_layer": "n_layers", "num_hidden_layers": "n_layers", "h_dim": "d_model", "hidden_size": "d_model",
         "num_classes": "n_labels", "num_labels": "n_labels", "activation_function": "act_fn",

@@ -20,6 +20,7 @@ stack (`encoder.relative_attention_bias`), not inside block 0; `hookvene/loading
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +39,7 @@ from hookvene.models.common import (
     attend,
     causal_mask,
     check_tokens,
+    identity_alias,
     merge_heads,
     padding_to_additive,
     runtime_flags,
@@ -65,6 +67,9 @@ class T5Config(HFAliases):
     pad_token_id: int = 0
     decoder_start_token_id: int = 0
 
+    # TransformerLens's cfg names (see HFAliases in models/common.py)
+    tl_cfg: ClassVar[dict[str, str | None]] = {"normalization_type": "RMS",
+                                               "positional_embedding_type": "relative_positional_bias", "n_ctx": None}
     hf_aliases: ClassVar[dict[str, str]] = {
         "vocab_size": "d_vocab", "hidden_size": "d_model", "head_dim": "d_kv", "num_layers": "n_encoder_layers",
         "num_hidden_layers": "n_encoder_layers", "num_decoder_layers": "n_decoder_layers", "num_heads": "n_heads",
@@ -429,3 +434,23 @@ class T5LM(T5):
 # `shared`, `encoder` and `decoder` are the real submodules; these answer to the rest of HF's names.
 T5.config = alias("cfg")
 T5LM.lm_head = alias("unembed")
+T5LM.model_dim = property(lambda self: self.cfg.d_model, doc="HuggingFace's model_dim: d_model.")
+# Inside the stacks (for code that rebuilds the forward by HF's names): `encoder.block[i].layer[0].SelfAttention.q`,
+# `layer[1].DenseReluDense.wi`, the decoder's `layer[1].EncDecAttention`, `final_layer_norm`. HF's `layer` list is
+# a tuple here of plain namespaces holding our submodules (each sublayer's norm, then its attention or MLP).
+Encoder.block, Encoder.final_layer_norm, Encoder.dropout = alias("blocks"), alias("ln_final"), identity_alias("dropout")
+Decoder.block, Decoder.final_layer_norm, Decoder.dropout = alias("blocks"), alias("ln_final"), identity_alias("dropout")
+EncoderBlock.layer = property(lambda self: (
+    SimpleNamespace(layer_norm=self.ln1, SelfAttention=self.attn, dropout=nn.Identity()),
+    SimpleNamespace(layer_norm=self.ln2, DenseReluDense=self.mlp, dropout=nn.Identity())),
+    doc="HuggingFace's block.layer: (self-attention, feed-forward).")
+DecoderBlock.layer = property(lambda self: (
+    SimpleNamespace(layer_norm=self.ln1, SelfAttention=self.attn, dropout=nn.Identity()),
+    SimpleNamespace(layer_norm=self.ln2, EncDecAttention=self.cross_attn, dropout=nn.Identity()),
+    SimpleNamespace(layer_norm=self.ln3, DenseReluDense=self.mlp, dropout=nn.Identity())),
+    doc="HuggingFace's block.layer: (self-attention, cross-attention, feed-forward).")
+Attention.key_value_proj_dim = property(lambda self: self.q.out_features // self.n_heads, doc="d_kv.")
+Attention.inner_dim, Attention.layer_idx = property(lambda self: self.q.out_features, doc="n_heads * d_kv."), \
+    alias("layer")
+MLP.dropout = GatedMLP.dropout = identity_alias("dropout")
+T5LayerNorm.variance_epsilon = alias("eps")

@@ -1,6 +1,7 @@
 """Figures: labelled heatmaps (matplotlib, PNG/SVG) and attention patterns as a self-contained HTML page."""
 
 import html
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -8,6 +9,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+
+
+def in_folder(path: str) -> str:
+    """`path`, with its folder created if missing (figures go to an --out folder that may not exist yet)."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    return path
 
 def heatmap(values: Float[Tensor, "rows cols"], rows: Sequence[str], cols: Sequence[str], *, row_label: str = "",
             col_label: str = "", title: str = "", path: str | None = None, center: float | None = None,
@@ -67,7 +76,7 @@ def heatmap(values: Float[Tensor, "rows cols"], rows: Sequence[str], cols: Seque
     bar.set_label(cbar_label, fontsize=8)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        fig.savefig(in_folder(path), dpi=120)
         plt.close(fig)
     return fig
 
@@ -123,7 +132,7 @@ def attention_html(tokens: Sequence[str] | Sequence[Sequence[str]],
                 parts.append(f"<tr><th class='q'>{q}</th>{cells}</tr>")
             parts.append("</table>")
         parts.append("</div>")
-    with open(path, "w") as f:
+    with open(in_folder(path), "w") as f:
         f.write("\n".join(parts))
     return path
 
@@ -152,6 +161,6 @@ def line_plot(series: dict[str, Float[Tensor, " n"]], x: Sequence[float], *, x_l
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        fig.savefig(in_folder(path), dpi=120)
         plt.close(fig)
     return fig

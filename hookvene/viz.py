@@ -10,13 +10,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 
-
 def in_folder(path: str) -> str:
     """`path`, with its folder created if missing (figures go to an --out folder that may not exist yet)."""
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
     return path
+
 
 def heatmap(values: Float[Tensor, "rows cols"], rows: Sequence[str], cols: Sequence[str], *, row_label: str = "",
             col_label: str = "", title: str = "", path: str | None = None, center: float | None = None,

@@ -486,8 +486,9 @@ class AutoencoderIntervention(TrainableIntervention):
     def forward(self, base: Tensor, source: Tensor | None = None, subspaces: Any = None) -> Tensor:
         source = self.resolve_source(base, source)
         zb, zs = self.autoencoder.encode(base), self.autoencoder.encode(source)
-        if subspaces is not None:  # given subspaces always make a mask (None means "no subspaces" only)
-            mixed = torch.where(self.subspace_mask(zb, subspaces), zs, zb)
+        if subspaces is not None:
+            mask = self.subspace_mask(zb, subspaces)
+            mixed = zs if mask is None else torch.where(mask, zs, zb)
         else:
             mixed = zb.clone()
             sel = self.interchange_dim

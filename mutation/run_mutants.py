@@ -274,6 +274,9 @@ def collect(workdir: Path, store: Path) -> None:
             for f in files:
                 if f not in saved:
                     continue
+                if rev_path.exists():
+                    rerun_on = rev_path.read_text().strip()
+                    saved[f]["revision"] = f"{saved[f].get('revision', 'unknown')}, survivors rerun on {rerun_on}"
                 for n in [n for n in saved[f]["survivors"] if st.get(n) in DETECTED]:
                     was = saved[f]["survivors"].pop(n)["status"]
                     saved[f]["detected"] += 1
@@ -299,12 +302,30 @@ def collect(workdir: Path, store: Path) -> None:
     store.write_text(json.dumps(saved, indent=1) + "\n")
 
 
-def report(store: Path, out: Path) -> None:
-    notes = {}
+def equivalence_notes() -> dict[str, str]:
+    """mutant name -> why it is equivalent, from mutation/equivalent.md."""
     eq = ROOT / "mutation" / "equivalent.md"
-    if eq.exists():
-        for m in re.finditer(r"^- `([^`]+)`:\s*(.+)$", eq.read_text(), re.M):
-            notes[m.group(1)] = m.group(2)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^- `([^`]+)`:\s*(.+)$", eq.read_text(), re.M)} \
+        if eq.exists() else {}
+
+
+def readme_table(store: Path = STORE) -> str:
+    """The README's kill-rate table, from the kept results (tests/test_readme.py checks the README holds it)."""
+    notes, saved = equivalence_notes(), json.loads(store.read_text())
+    order = [f for files, _, _ in GROUPS.values() for f in files]
+    lines = ["| module | commit | mutants run | kill rate before | kill rate after | after, equivalents excluded | "
+             "survivors not explained |", "|---|---|---:|---:|---:|---:|---:|"]
+    for f in sorted(saved, key=lambda f: order.index(f) if f in order else len(order)):
+        r = saved[f]
+        equiv = sum(n in notes for n in r["survivors"])
+        lines.append(f"| `{f}` | {r.get('revision', 'unknown')} | {r['run']} | {r['before']} | "
+                     f"{100 * r['detected'] / r['run']:.1f}% | "
+                     f"{100 * r['detected'] / max(r['run'] - equiv, 1):.1f}% | {len(r['survivors']) - equiv} |")
+    return "\n".join(lines)
+
+
+def report(store: Path, out: Path) -> None:
+    notes = equivalence_notes()
     saved = json.loads(store.read_text())
     lines = ["# Mutation testing report (mutmut 3; `make mutants`, see mutation/run_mutants.py)", "",
              "Kill rate = mutants detected (killed, or timed out) / mutants run, per module. *Before*: the suite "

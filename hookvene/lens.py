@@ -7,7 +7,8 @@ Same names and semantics as TL 3.x's `HookedTransformer`, so TL code and teachin
     forward     return_type= "logits" | "loss" | "both" | None, loss_per_token= (default: hookvene's ModelOutput)
     weights     W_E, W_pos, W_U, b_U, W_Q/W_K/W_V (layer head d_model d_head), W_O (layer head d_head d_model), b_*,
                 W_in/W_out/b_in/b_out (W_gate: gated MLPs), QK / OV as FactoredMatrix, tokens_to_residual_directions,
-                accumulated_bias: GPT-2, GPT-Neo, GPT-NeoX, Llama / Mistral / Qwen2 (T5: W_E, W_U only)
+                accumulated_bias: GPT-2, GPT-Neo, GPT-NeoX, Llama / Mistral / Qwen2 (T5: W_E, W_U here, and per
+                layer the views on each attention and MLP module, e.g. `model.decoder.blocks[l].cross_attn.W_Q`)
     flags       set_use_attn_result, set_use_split_qkv_input, set_use_attn_in, set_use_hook_mlp_in
     processing  process_weights(fold_ln=, center_writing_weights=, center_unembed=, fold_value_biases=,
                 refactor_factored_attn_matrices=), as `from_pretrained(..., fold_ln=True, ...)` applies it (GPT-2,
@@ -225,9 +226,17 @@ class LensModel(HookedModule):
     def _blocks(self, what: str) -> Any:
         blocks = getattr(self, "blocks", None)
         if blocks is None or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "W_Q"):
+            if getattr(self, "is_encoder_decoder", False):
+                raise ValueError(f"{type(self).__name__} has no model-level {what}: TransformerLens's weight views are "
+                                 f"implemented for the decoder-only transformers (GPT-2, GPT-Neo, GPT-NeoX, Llama / "
+                                 f"Mistral / Qwen2) as stacks over layers; T5 has W_E and W_U here, and per layer "
+                                 f"on each stack's modules: model.encoder.blocks[l].attn.W_Q (W_K, W_V, W_O), "
+                                 f"model.decoder.blocks[l].cross_attn.W_Q, model.decoder.blocks[l].mlp.W_in "
+                                 f"(W_out; gated: W_gate)")
             raise ValueError(f"{type(self).__name__} has no {what}: TransformerLens's weight views are implemented "
                              f"for the decoder-only transformers (GPT-2, GPT-Neo, GPT-NeoX, Llama / Mistral / "
-                             f"Qwen2); T5 has W_E and W_U only, the GRU and the MLP classifier none")
+                             f"Qwen2); T5 has W_E and W_U and per-layer views on its modules, the GRU and the MLP "
+                             f"classifier none")
         return blocks
 
     def _stack(self, module: str, name: str) -> Tensor:

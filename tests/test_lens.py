@@ -514,7 +514,7 @@ def test_processed_model_reports_lnpre(tiny):
 
 # -- models without the views or decompositions say so -------------------------------------------------------------
 
-def test_t5_gru_and_mlp_say_what_they_do_not_support():
+def test_t5_without_a_stack_gru_and_mlp_say_what_they_do_not_support():
     models = every_architecture()
     t5, gru, mlp = models["t5"][0], models["gru"][0], models["mlp"][0]
     ids = torch.randint(0, 50, (1, 4))
@@ -534,11 +534,12 @@ def test_t5_gru_and_mlp_say_what_they_do_not_support():
         for attr in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "W_in", "W_out", "W_gate", "QK", "OV"):
             with pytest.raises(ValueError, match="weight views are implemented for the decoder-only transformers"):
                 getattr(model, attr)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"has no learned position embedding \(W_pos\)"):
             _ = model.W_pos
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"no (model-level )?weights to process: TransformerLens's weight views"):
             model.process_weights()
     for model in (gru, mlp):
-        for attr in ("W_E", "W_U", "b_U"):
-            with pytest.raises(ValueError):
+        for attr, message in (("W_E", "has no token embedding"), ("W_U", r"has no LM head \(W_U\)"),
+                              ("b_U", r"has no LM head \(W_U\)")):
+            with pytest.raises(ValueError, match=message):
                 getattr(model, attr)

@@ -313,3 +313,183 @@ def test_full_size_table_on_meta():
     assert len(converted) == len(model.state_dict()) and not model.cfg.tie_word_embeddings
     assert model.decoder.blocks[23].cross_attn.o.weight.shape == (1024, 1024)
 
+
+# -- TransformerLens's cache decompositions and weight views, per stack ------------------------------------------
+# Every parameter redrawn away from transformers' init (norm weights far from 1, large matrices), both variants.
+
+STACKS = {"encoder": L_ENC, "decoder": L_DEC}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def lens_run(request, batch):
+    from tests.test_parity import redraw_
+
+    model = redraw_(loading.from_pretrained(hf_t5(request.param, seed=7)), seed=11)
+    with torch.no_grad():
+        out, cache = model.run_with_cache(**batch)
+    return request.param, model, out, cache
+
+
+@pytest.mark.filterwarnings("ignore:hook_result was not cached")
+def test_decompose_resid_sums_to_each_stacks_residual_stream(lens_run):
+    _, _, _, cache = lens_run
+    for stack, n in STACKS.items():
+        final = cache[f"{stack}.blocks.{n - 1}.hook_resid_post"]
+        parts, labels = cache.decompose_resid(stack=stack, return_labels=True)
+        writes = ["attn_out", "cross_attn_out", "mlp_out"] if stack == "decoder" else ["attn_out", "mlp_out"]
+        assert labels == ["embed"] + [f"{i}_{w}" for i in range(n) for w in writes]
+        assert err(parts.sum(0), final) <= 1e-5
+        # the MLP's input of block 1: the decoder's after both attentions (ln3 reads resid_mid_cross)
+        mlp_in = cache[f"{stack}.blocks.1.hook_resid_mid" + ("_cross" if stack == "decoder" else "")]
+        assert err(cache.decompose_resid(1, mlp_input=True, stack=stack).sum(0), mlp_in) <= 1e-5
+        attn = cache.decompose_resid(mode="attn", stack=stack, incl_embeds=False)
+        assert len(attn) == n * (len(writes) - 1)
+        for expand in (True, False):
+            full = cache.get_full_resid_decomposition(stack=stack, expand_neurons=expand)
+            assert err(full.sum(0), final) <= 1e-5
+        acc, acc_labels = cache.accumulated_resid(stack=stack, incl_mid=True, return_labels=True)
+        mids = ["mid", "mid_cross"] if stack == "decoder" else ["mid"]
+        assert acc_labels == [f"{i}_{m}" for i in range(n) for m in ["pre", *mids]] + ["final_post"]
+        assert torch.equal(acc[-1], final)
+
+
+def test_logit_lens_and_apply_ln_to_stack_per_stack(lens_run):
+    _, model, out, cache = lens_run
+    # the decoder's last accumulated state through its final norm, unembedded as T5 does it: the model's logits
+    acc = cache.accumulated_resid(layer=-1, apply_ln=True, stack="decoder")
+    assert err((acc[-1] * model.output_scale) @ model.W_U, out.logits) <= 1e-4
+    # apply_ln_to_stack: T5's RMS scale, computed from the cached stream (no mean removed); x its weight, the
+    # components sum to what the norm output
+    for stack in STACKS:
+        norm = getattr(model, stack).ln_final
+        scaled = cache.decompose_resid(stack=stack, apply_ln=True)
+        assert err(scaled.sum(0) * norm.weight, cache[f"{stack}.ln_final.hook_normalized"]) <= 1e-5
+        ln = "ln3" if stack == "decoder" else "ln2"
+        scaled = cache.decompose_resid(1, mlp_input=True, apply_ln=True, stack=stack)
+        weight = getattr(getattr(model, stack).blocks[1], ln).weight
+        assert err(scaled.sum(0) * weight, cache[f"{stack}.blocks.1.{ln}.hook_normalized"]) <= 1e-5
+        scaled = cache.accumulated_resid(1, apply_ln=True, stack=stack)
+        assert err(scaled[-1] * getattr(model, stack).blocks[1].ln1.weight,
+                   cache[f"{stack}.blocks.1.ln1.hook_normalized"]) <= 1e-5
+
+
+def test_logit_attrs_sum_to_the_decoder_logits(lens_run, batch):
+    _, _, out, cache = lens_run
+    y = batch["decoder_input_ids"]
+    right, wrong = y[:, -1], y[:, 0]
+    parts = cache.decompose_resid(stack="decoder")
+    pick = lambda t: out.logits.gather(-1, t[:, None, None].expand(-1, y.shape[1], 1))[..., 0]  # noqa: E731
+    attrs = cache.logit_attrs(parts, right, stack="decoder")
+    assert attrs.shape == (len(parts), *y.shape) and err(attrs.sum(0), pick(right)) <= 1e-4
+    parts_last = cache.decompose_resid(stack="decoder", pos_slice=-1)
+    diff = cache.logit_attrs(parts_last, right, incorrect_tokens=wrong, stack="decoder", pos_slice=-1)
+    assert diff.shape == (len(parts_last), y.shape[0])
+    assert err(diff.sum(0), (pick(right) - pick(wrong))[:, -1]) <= 1e-4
+    heads = cache.get_full_resid_decomposition(stack="decoder", pos_slice=-1)
+    assert err(cache.logit_attrs(heads, 5, stack="decoder", pos_slice=-1).sum(0), out.logits[:, -1, 5]) <= 1e-4
+    with pytest.raises(ValueError, match="only the decoder's residual stream reaches"):
+        cache.logit_attrs(parts, right, stack="encoder")
+
+
+def test_stack_head_results_sum_to_each_attention_output(lens_run):
+    _, _, _, cache = lens_run
+    cache = cache.like({k: v for k, v in cache.items() if not k.endswith("hook_result")})  # as run_with_cache left it
+    with pytest.warns(UserWarning, match="hook_result was not cached"):
+        heads, labels = cache.stack_head_results(stack="decoder", return_labels=True)
+    assert labels[:2 * H] == [f"L0H{h}" for h in range(H)] + [f"L0CH{h}" for h in range(H)]
+    assert heads.shape[0] == L_DEC * 2 * H
+    for i in range(L_DEC):
+        block = heads[2 * H * i:2 * H * (i + 1)]
+        assert err(block[:H].sum(0), cache[f"decoder.blocks.{i}.hook_attn_out"]) <= 1e-5
+        assert err(block[H:].sum(0), cache[f"decoder.blocks.{i}.hook_cross_attn_out"]) <= 1e-5
+    with pytest.warns(UserWarning, match="hook_result was not cached: computing"):
+        enc, enc_labels = cache.stack_head_results(stack="encoder", return_labels=True)
+    assert enc_labels == [f"L{i}H{h}" for i in range(L_ENC) for h in range(H)]
+    for i in range(L_ENC):
+        assert err(enc[H * i:H * (i + 1)].sum(0), cache[f"encoder.blocks.{i}.hook_attn_out"]) <= 1e-5
+    rest = cache.stack_head_results(1, incl_remainder=True, stack="encoder")
+    assert err(rest.sum(0), cache["encoder.blocks.0.hook_resid_post"]) <= 1e-5
+    neurons = cache.stack_neuron_results(2, stack="decoder")
+    assert neurons.shape[0] == 2 * DFF
+    assert err(neurons[DFF:].sum(0), cache["decoder.blocks.1.hook_mlp_out"]) <= 1e-5
+    pattern = cache.stack_activation("pattern", stack="encoder")
+    assert pattern.shape == (L_ENC, *cache["encoder.blocks.0.attn.hook_pattern"].shape)
+
+
+def test_weight_views_reproduce_the_hooks_and_share_storage(lens_run):
+    variant, model, _, cache = lens_run
+    enc_out = cache["encoder.ln_final.hook_normalized"]
+    sites = [(f"encoder.blocks.{i}", "attn", "ln1", None) for i in range(L_ENC)]
+    sites += [(f"decoder.blocks.{i}", "attn", "ln1", None) for i in range(L_DEC)]
+    sites += [(f"decoder.blocks.{i}", "cross_attn", "ln2", enc_out) for i in range(L_DEC)]
+    for where, name, ln, kv_in in sites:
+        attn = model.get_submodule(f"{where}.{name}")
+        x = cache[f"{where}.{ln}.hook_normalized"]
+        kv_in = x if kv_in is None else kv_in
+        p = f"{where}.{name}."
+        assert attn.W_Q.shape == attn.W_K.shape == attn.W_V.shape == (H, D, DKV) and attn.W_O.shape == (H, DKV, D)
+        assert err(torch.einsum("bpd,hde->bphe", x, attn.W_Q), cache[p + "hook_q"]) <= 1e-5
+        assert err(torch.einsum("bpd,hde->bphe", kv_in, attn.W_K), cache[p + "hook_k"]) <= 1e-5
+        assert err(torch.einsum("bpd,hde->bphe", kv_in, attn.W_V), cache[p + "hook_v"]) <= 1e-5
+        z = cache[p + "hook_z"]
+        for h in range(H):  # z @ W_O of one head = the output projection with the other heads' z zeroed
+            alone = torch.zeros_like(z)
+            alone[..., h, :] = z[..., h, :]
+            with torch.no_grad():
+                assert err(z[..., h, :] @ attn.W_O[h], attn.o(alone.flatten(-2))) <= 1e-5
+        out_hook = f"{where}.hook_{'cross_attn' if name == 'cross_attn' else 'attn'}_out"
+        assert err(torch.einsum("bphe,hem->bpm", z, attn.W_O), cache[out_hook]) <= 1e-5
+        for b in (attn.b_Q, attn.b_K, attn.b_V):
+            assert b.shape == (H, DKV) and not b.any()
+        assert attn.b_O.shape == (D,) and not attn.b_O.any()
+    for stack, n in STACKS.items():
+        for i in range(n):
+            where = f"{stack}.blocks.{i}"
+            mlp = model.get_submodule(f"{where}.mlp")
+            x = cache[f"{where}.{'ln3' if stack == 'decoder' else 'ln2'}.hook_normalized"]
+            assert mlp.W_in.shape == (D, DFF) and mlp.W_out.shape == (DFF, D)
+            linear = "mlp.hook_pre_linear" if variant == "gated" else "mlp.hook_pre"
+            assert err(x @ mlp.W_in, cache[f"{where}.{linear}"]) <= 1e-5
+            if variant == "gated":
+                assert err(x @ mlp.W_gate, cache[f"{where}.mlp.hook_pre"]) <= 1e-5
+            else:
+                assert not hasattr(mlp, "W_gate")
+            assert err(cache[f"{where}.mlp.hook_post"] @ mlp.W_out, cache[f"{where}.hook_mlp_out"]) <= 1e-5
+            assert not mlp.b_in.any() and not mlp.b_out.any()
+    # views, not copies: they share the Linear weights' storage, and an edit through one reaches the model
+    attn, mlp = model.decoder.blocks[1].cross_attn, model.encoder.blocks[0].mlp
+    assert attn.W_Q.data_ptr() == attn.q.weight.data_ptr() and attn.W_O.data_ptr() == attn.o.weight.data_ptr()
+    assert mlp.W_out.data_ptr() == mlp.wo.weight.data_ptr()
+    with torch.no_grad():
+        before = attn.o.weight[2, DKV + 1].item()
+        attn.W_O[1, 1, 2] += 1.0
+        assert attn.o.weight[2, DKV + 1].item() == pytest.approx(before + 1.0)
+        attn.W_O[1, 1, 2] -= 1.0
+        mlp.W_in[3, 4] += 1.0
+        assert mlp.get_submodule("wi_1" if variant == "gated" else "wi").weight[4, 3] == mlp.W_in[3, 4]
+        mlp.W_in[3, 4] -= 1.0
+
+
+def test_decompositions_need_a_stack_on_t5_and_refuse_one_elsewhere(lens_run):
+    _, model, _, cache = lens_run
+    zeros = torch.zeros(1, 3, ENC_LEN, D)
+    calls = {"accumulated_resid": {}, "decompose_resid": {}, "stack_head_results": {}, "stack_neuron_results": {},
+             "get_full_resid_decomposition": {}, "compute_head_results": {},
+             "stack_activation": {"activation_name": "z"},
+             "apply_ln_to_stack": {"residual_stack": zeros}, "logit_attrs": {"residual_stack": zeros, "tokens": 3}}
+    for method, kw in calls.items():
+        with pytest.raises(ValueError, match=r"encoder-decoder model.*pass stack='encoder' or stack='decoder'"):
+            getattr(cache, method)(**kw)
+        with pytest.raises(ValueError, match="stack must be 'encoder' or 'decoder', got 'middle'"):
+            getattr(cache, method)(**kw, stack="middle")
+    with pytest.raises(ValueError, match=r"model-level W_Q.*model\.encoder\.blocks\[l\]\.attn\.W_Q"):
+        _ = model.W_Q
+    from tests.helpers import tiny_gpt2
+
+    gpt2 = loading.from_pretrained(tiny_gpt2())
+    _, gpt2_cache = gpt2.run_with_cache(torch.randint(0, 101, (1, 5)))
+    for method, kw in calls.items():
+        kw = {k: torch.zeros(1, 1, 5, 32) if k == "residual_stack" else v for k, v in kw.items()}
+        with pytest.raises(ValueError, match="stack='decoder' is for encoder-decoder models.*call without stack"):
+            getattr(gpt2_cache, method)(**kw, stack="decoder")
+    assert gpt2_cache.decompose_resid().shape[0] == 6  # unchanged without it

@@ -177,6 +177,27 @@ class Attention(nn.Module):
         z = self.hook_z(z)  # batch q_pos head d_head
         return self.o(merge_heads(z))
 
+    # TransformerLens's weight layout, as views of the (out, in) Linear weights (an edit through them reaches the
+    # model), on self-attention and cross-attention alike: x @ W_Q is `hook_q` (cross-attention: W_K / W_V read the
+    # encoder output), and z @ W_O per head, summed over heads, is the attention output.
+    def _heads_in(self, lin: nn.Linear) -> Float[Tensor, "head d_model d_head"]:
+        return lin.weight.view(self.n_heads, -1, lin.weight.shape[1]).transpose(1, 2)
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return self.q.weight.new_zeros(shape)
+
+    W_Q = property(lambda self: self._heads_in(self.q), doc=(
+        "(head, d_model, d_head), a view of q.weight: x @ W_Q is hook_q. T5 attention has no biases (b_Q, b_K, b_V, "
+        "b_O read as zeros, fresh tensors) and no 1/sqrt(d_head) scaling: hook_attn_scores = q . k + position bias "
+        "(T5 folded the scaling into W_Q's initialisation)."))
+    W_K = property(lambda self: self._heads_in(self.k), doc="(head, d_model, d_head), a view of k.weight")
+    W_V = property(lambda self: self._heads_in(self.v), doc="(head, d_model, d_head), a view of v.weight")
+    W_O = property(lambda self: self.o.weight.view(self.o.weight.shape[0], self.n_heads, -1).permute(1, 2, 0),
+                   doc="(head, d_head, d_model), a view of o.weight")
+    b_Q = b_K = b_V = property(lambda self: self._zeros(self.n_heads, self.q.out_features // self.n_heads),
+                               doc="(head, d_head) zeros: T5 attention has no biases")
+    b_O = property(lambda self: self._zeros(self.o.out_features), doc="(d_model,) zeros: T5 attention has no biases")
+
 
 class MLP(nn.Module):
     """Original T5: wo(relu(wi x)) (HF: DenseReluDense)."""
@@ -191,6 +212,13 @@ class MLP(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(self.wi(x))  # batch pos d_mlp
         return self.wo(self.hook_post(self.act(pre)))
+
+    # TransformerLens's names, as views (an edit through them reaches the model): hook_pre = x @ W_in, the output
+    # hook_post @ W_out. No biases: b_in / b_out read as zeros (fresh tensors).
+    W_in = property(lambda self: self.wi.weight.T, doc="(d_model, d_mlp), a view of wi.weight")
+    W_out = property(lambda self: self.wo.weight.T, doc="(d_mlp, d_model), a view of wo.weight")
+    b_in = property(lambda self: self.wi.weight.new_zeros(self.wi.out_features), doc="(d_mlp,) zeros: no biases")
+    b_out = property(lambda self: self.wo.weight.new_zeros(self.wo.out_features), doc="(d_model,) zeros: no biases")
 
 
 class GatedMLP(nn.Module):
@@ -208,6 +236,14 @@ class GatedMLP(nn.Module):
         pre = self.hook_pre(self.wi_0(x))  # batch pos d_mlp
         pre_linear = self.hook_pre_linear(self.wi_1(x))
         return self.wo(self.hook_post(self.act(pre) * pre_linear))
+
+    # TransformerLens's gated-MLP names, as views (an edit through them reaches the model): hook_pre = x @ W_gate
+    # (wi_0), hook_pre_linear = x @ W_in (wi_1), the output hook_post @ W_out. No biases: b_in / b_out read as zeros.
+    W_gate = property(lambda self: self.wi_0.weight.T, doc="(d_model, d_mlp), a view of wi_0.weight")
+    W_in = property(lambda self: self.wi_1.weight.T, doc="(d_model, d_mlp), a view of wi_1.weight")
+    W_out = property(lambda self: self.wo.weight.T, doc="(d_mlp, d_model), a view of wo.weight")
+    b_in = property(lambda self: self.wi_1.weight.new_zeros(self.wi_1.out_features), doc="(d_mlp,) zeros: no biases")
+    b_out = property(lambda self: self.wo.weight.new_zeros(self.wo.out_features), doc="(d_model,) zeros: no biases")
 
 
 def clamp_fp16(x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:

@@ -60,18 +60,21 @@ GROUPS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     ),
     "components": (
         ["hookvene/components.py"],
-        ["tests/test_components.py", "tests/test_component_aliases.py", "tests/test_mutants_components.py"],
+        ["tests/test_components.py", "tests/test_component_aliases.py", "tests/test_pyvene_compat.py",
+         "tests/test_reliability.py", "tests/test_intervenable.py", "tests/test_mutants_components.py"],
         None,
     ),
     "plan": (
         ["hookvene/plan.py"],
-        ["tests/test_plan.py", "tests/test_intervenable.py", "tests/test_rare_paths.py",
-         "tests/test_mutants_plan.py"],
+        ["tests/test_plan.py", "tests/test_intervenable.py", "tests/test_rare_paths.py", "tests/test_gru.py",
+         "tests/test_pyvene_compat.py", "tests/test_spec_101.py", "tests/test_spec_other_models.py",
+         "tests/test_generate.py", "tests/test_mutants_plan.py"],
         None,
     ),
     "sweep": (
         ["hookvene/experiments/sweep.py"],
-        ["tests/test_experiments.py", "tests/test_mutants_sweep.py"],
+        ["tests/test_experiments.py", "tests/test_trust.py", "tests/test_llama.py", "tests/test_gpt_neox.py",
+         "tests/test_sae.py", "tests/test_spec_101.py", "tests/test_mutants_sweep.py"],
         None,
     ),
     "generate": (
@@ -226,6 +229,7 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
         write_config(work, files, tests)
         log.write_text("")
         (workdir / f"{group}.rerun").write_text("\n".join(survivors))
+        (workdir / f"{group}.revision").write_text(revision(rev))
         print(f"[{group}] rerunning {len(survivors)} kept survivors in a fresh copy (log: {log})")
         mutmut(work, "run", "--max-children", "1", *survivors, log=log)
         (workdir / f"{group}.results.json").write_text(json.dumps(results(workdir, group), indent=1))
@@ -234,6 +238,10 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
         shutil.rmtree(work / "tests")
         shutil.copytree(ROOT / "tests", work / "tests")
         write_config(work, files, tests)
+        if (work / "mutants" / "tests").exists():  # mutmut runs the tests from its own copy
+            shutil.rmtree(work / "mutants" / "tests")
+            shutil.copytree(ROOT / "tests", work / "mutants" / "tests")
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # which tests reach what: measure again
         if not survivors:
             print(f"[{group}] no survivors to rerun")
             return

@@ -75,3 +75,14 @@ def test_zoo_readme_block_prints_what_its_comments_say(capsys, monkeypatch):
     quoted = re.search(r"# (tensor\([\d.]+),", block).group(1)
     assert quoted in out
     assert re.search(r"# (<\|endoftext\|>Then, Mary.*)", block).group(1) in out
+
+
+def test_mutation_table_is_the_kept_results():
+    """The README's kill-rate table is rendered from mutation/results.json (what `make mutants` measured)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "mutation", "run_mutants.py")
+    spec = importlib.util.spec_from_file_location("run_mutants", path)
+    run_mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_mutants)
+    assert run_mutants.readme_table() in open(README).read()

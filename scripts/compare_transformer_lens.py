@@ -115,8 +115,45 @@ def compare(name, hf, tok, path, processing):
         rows.append(("tokens_to_residual_directions", maxdiff(ours.tokens_to_residual_directions(" Mary"),
                                                               tl.tokens_to_residual_directions(" Mary"))))
         rows.append(("to_str_tokens equal", float(ours.to_str_tokens(prompts[0]) != tl.to_str_tokens(prompts[0]))))
+    if not processing["fold_ln"]:  # the sweeps are the same maths on processed weights; once per model is enough
+        rows += compare_patching(ours, tl)
     mode = "processed" if processing["fold_ln"] else "unprocessed"
     return [(name, mode, check, value) for check, value in rows]
+
+
+def compare_patching(ours, tl) -> list[tuple[str, float]]:
+    """hookvene's sweeps, given TL's kind of metric (logits -> one number), against `transformer_lens.patching`."""
+    from transformer_lens import patching
+
+    from hookvene.experiments import activation_patch
+
+    clean = ["When John and Mary went to the shops, Mary gave the book to",
+             "When Mary and John went to the shops, John gave the book to"]
+    corrupted = [clean[1], clean[0]]  # the other subject: the answers swap
+    john, mary = tl.to_single_token(" John"), tl.to_single_token(" Mary")
+    answers = torch.tensor([[john, mary], [mary, john]])
+
+    def metric(logits):  # TL's convention: the mean logit difference over the batch, one number
+        last = logits[:, -1]
+        return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).mean()
+
+    clean_tokens, corrupted_tokens = tl.to_tokens(clean), tl.to_tokens(corrupted)
+    _, clean_cache = tl.run_with_cache(clean_tokens)
+    L, H = tl.cfg.n_layers, tl.cfg.n_heads
+    rows = []
+    for kind, tl_fn, by_pos in (("resid_pre", patching.get_act_patch_resid_pre, False),
+                                ("heads", patching.get_act_patch_attn_head_out_all_pos, False),
+                                ("heads_q", patching.get_act_patch_attn_head_q_all_pos, False),
+                                ("heads_k", patching.get_act_patch_attn_head_k_all_pos, False),
+                                ("heads_v", patching.get_act_patch_attn_head_v_all_pos, False),
+                                ("heads_k_pos", patching.get_act_patch_attn_head_k_by_pos, True)):
+        want = tl_fn(tl, corrupted_tokens, clean_cache, metric)  # (layer, head) / (layer, pos) / (layer, pos, head)
+        got = activation_patch(ours, clean_tokens, corrupted_tokens, metric, kind=kind).values
+        if by_pos:
+            got = got.view(L, H, -1).permute(0, 2, 1)  # rows L{l}H{h}, columns positions -> TL's (layer, pos, head)
+        rows.append((f"activation_patch kind={kind}, TL-style metric (vs transformer_lens.patching)",
+                     maxdiff(got, want) if got.shape == want.shape else float("inf")))
+    return rows
 
 
 def main() -> None:

@@ -77,3 +77,12 @@ def close(a, b, atol=ATOL):
 def differs(a, b):
     """The intervention really changed something: max |a - b| > 1e-4."""
     assert (a - b).abs().max().item() > 1e-4, "the intervention changed nothing"
+
+
+def token_pair(vocab: int, batch: int, pos: int, changed: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random clean batch (ids 1..vocab-1) and a corrupted copy that differs at position `changed` only."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(1, vocab, (batch, pos), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, changed] = torch.randint(1, vocab, (batch,), generator=g)
+    return clean, corrupted

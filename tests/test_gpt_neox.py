@@ -19,6 +19,7 @@ import hookvene as pv
 from hookvene.experiments.metrics import logit_diff
 from hookvene.experiments.patching import activation_patch
 from hookvene.loading.gpt_neox import config_from_hf
+from tests.helpers import token_pair
 from tests.test_experiments import cell_by_cell
 from tests.test_generate import assert_same
 from tests.test_parity import Comparison, compare_decoder_only, left_padded, load, redraw_
@@ -136,10 +137,7 @@ def test_unimplemented_config_options_are_refused(change, match):
 def test_activation_patch_equals_cell_by_cell(kind):
     """The sweep engine resumes GPT-NeoX mid-stack (partial rotary, parallel blocks)."""
     model = pv.from_pretrained(tiny("GPTNeoXForCausalLM"))
-    g = torch.Generator().manual_seed(3)
-    clean = torch.randint(1, VOCAB, (2, 6), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 1] = torch.randint(1, VOCAB, (2,), generator=g)
+    clean, corrupted = token_pair(VOCAB, 2, 6, changed=1, seed=3)
     metric = logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
     res = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=16)
     ref = cell_by_cell(model, kind, clean, corrupted, metric)

@@ -21,7 +21,7 @@ from hookvene.experiments.metrics import logit_diff
 from hookvene.experiments.patching import activation_patch
 from hookvene.loading.llama import config_from_hf
 from hookvene.models.common import KVCache
-from tests.helpers import make_tokenizer, save_checkpoint
+from tests.helpers import make_tokenizer, save_checkpoint, token_pair
 from tests.test_experiments import cell_by_cell
 from tests.test_generate import assert_same, manual_greedy, mlp_out_names, steering_config
 from tests.test_parity import Comparison, compare_decoder_only, left_padded, load, redraw_
@@ -261,10 +261,7 @@ def test_steering_generation_equals_manual_recompute(mistral):
 def test_activation_patch_equals_cell_by_cell(mistral, kind):
     """The sweep engine resumes Llama-family models mid-stack (rotary positions and the sliding window included)."""
     _, model = mistral
-    g = torch.Generator().manual_seed(8)
-    clean = torch.randint(1, VOCAB, (2, 7), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(1, VOCAB, (2,), generator=g)
+    clean, corrupted = token_pair(VOCAB, 2, 7, changed=2, seed=8)
     metric = logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
     res = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=16)
     ref = cell_by_cell(model, kind, clean, corrupted, metric)
@@ -295,10 +292,7 @@ def test_qkv_patch_kinds_under_grouped_query_attention(mistral, kind):
     from tests.test_experiments import mean_of, qkv_by_hand
 
     _, model = mistral
-    g = torch.Generator().manual_seed(8)
-    clean = torch.randint(1, VOCAB, (2, 6), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, 2] = torch.randint(1, VOCAB, (2,), generator=g)
+    clean, corrupted = token_pair(VOCAB, 2, 6, changed=2, seed=8)
     metric = logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]))
     res = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=16)
     ref = qkv_by_hand(model, kind, clean, corrupted, mean_of(metric))

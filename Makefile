@@ -20,8 +20,8 @@ ioi: install
 test: install
 	$(PY) -m pytest
 
-test-fast: install   # everything but the CLI and example runs, on two processes; bytecode cached between runs
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n 2 -m "not slow and not subprocess and not cli"
+test-fast: install   # all but the end-to-end runs (CLI, examples, README blocks), on two processes, bytecode cached
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n 2 -m "not slow and not subprocess and not e2e"
 
 test-shapes: install   # the core tests with every jaxtyping shape annotation checked at run time
 	$(PY) -m pytest --jaxtyping-packages=hookvene,beartype.beartype -k "not bad_input and not bad_inputs and not hand_made" \

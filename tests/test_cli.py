@@ -17,7 +17,7 @@ from hookvene.cli import main
 from hookvene.experiments.results import SweepResult
 from tests.helpers import make_tokenizer, save_checkpoint, tiny_gpt2
 
-pytestmark = pytest.mark.cli  # every test here runs a whole command (`make test-fast` leaves them out)
+pytestmark = pytest.mark.e2e  # every test here runs a whole command (`make test-fast` leaves them out)
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

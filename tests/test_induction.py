@@ -100,6 +100,7 @@ def test_ioi_gpt2_has_no_induction_circuit():
     assert report.induction_head[0] > report.prev_head[0]
 
 
+@pytest.mark.e2e
 def test_cli_analyses_a_model_and_writes_the_figures(tmp_path, capsys):
     main(["induction", "--model", "ioi-gpt2", "--contrast", "", "--n", "40", "--out", str(tmp_path)])
     out = capsys.readouterr().out

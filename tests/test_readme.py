@@ -3,7 +3,10 @@
 import os
 import re
 
+import pytest
+
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+pytestmark = pytest.mark.e2e  # the README's code runs as a reader would run it (`make test-fast` leaves it out)
 
 
 def test_readme_tour_runs():

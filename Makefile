@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest
 
 test-fast: install   # all but the end-to-end runs (CLI, examples, README blocks), on two processes, bytecode cached
-	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n 2 -m "not slow and not subprocess and not e2e"
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -n 2 --dist loadfile -m "not slow and not subprocess and not e2e"
 
 test-shapes: install   # the core tests with every jaxtyping shape annotation checked at run time
 	$(PY) -m pytest --jaxtyping-packages=hookvene,beartype.beartype -k "not bad_input and not bad_inputs and not hand_made" \

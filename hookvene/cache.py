@@ -298,7 +298,7 @@ class ActivationCache(BaseCache):
         return (out, labels) if return_labels else out
 
     def get_neuron_results(self, layer: int, neuron_slice: PosSlice = None, pos_slice: PosSlice = None,
-                           stack: str | None = None) -> Float[Tensor, "batch pos neuron d_model"]:
+                           stack: str | None = None) -> Float[Tensor, "batch *pos neuron d_model"]:
         """Each neuron's output of block `layer`: its activation (`mlp.hook_post`) times its row of W_out."""
         s = self._stream(stack)
         post = self._pos(self[s.hook(layer, "mlp.hook_post")], pos_slice)

@@ -99,7 +99,7 @@ class T5LayerNorm(nn.Module):
         self.eps = eps
         self.hook_normalized = HookPoint()
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:  # any leading dims
         variance = x.float().pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         return self.hook_normalized(self.weight * x.to(self.weight.dtype))

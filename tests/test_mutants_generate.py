@@ -24,20 +24,22 @@ from tests.test_generate import (  # noqa: F401  (fixtures)
 )
 
 
-def test_subspaces_apply_on_the_prompt_pass(model):  # noqa: F811
-    """Steering restricted to dims [0, 1] on the prompt pass only: the same as adding v with the other dims zeroed."""
+@pytest.mark.parametrize("on_prompt", [True, False], ids=["prompt pass", "decode passes"])
+def test_subspaces_apply_where_the_intervention_does(model, on_prompt):  # noqa: F811
+    """Steering restricted to dims [0, 1], on the prompt pass or on the decode passes only: the same as adding v
+    with the other dims zeroed at those positions."""
     ids, mask = left_padded()
     v = vec(scale=3.0)
     iv = pv.IntervenableModel(steering_config(model.cfg.n_layers), model)
     _, (out, scores) = iv.generate({"input_ids": ids, "attention_mask": mask}, source_representations=v,
-                                   subspaces=[[[0, 1]] * 3] * model.cfg.n_layers, intervene_on_prompt=True,
-                                   intervene_on_generated=False,
-                                   max_new_tokens=NEW, output_scores=True)
+                                   subspaces=[[[0, 1]] * 3] * model.cfg.n_layers, intervene_on_prompt=on_prompt,
+                                   intervene_on_generated=not on_prompt, max_new_tokens=NEW, output_scores=True)
     masked = torch.zeros_like(v)
     masked[:2] = v[:2]
-    ref, ref_scores = manual_greedy(model, ids, mask, NEW, mlp_out_names(model), masked, set(range(7)))
+    positions = set(range(7)) if on_prompt else set(range(7, 7 + NEW))  # 7-token prompts
+    ref, ref_scores = manual_greedy(model, ids, mask, NEW, mlp_out_names(model), masked, positions)
     assert_same(out, ref, scores, ref_scores)
-    everything = manual_greedy(model, ids, mask, NEW, mlp_out_names(model), v, set(range(7)))[1]
+    everything = manual_greedy(model, ids, mask, NEW, mlp_out_names(model), v, positions)[1]
     assert (scores - everything).abs().max() > 1e-3  # the other dims really were left alone
 
 
@@ -51,19 +53,6 @@ def test_intervened_generate_defaults(model):  # noqa: F811
                                         source_representations=v, max_new_tokens=NEW)
     assert original is None
     assert_same(out, manual_greedy(model, ids, mask, NEW, mlp_out_names(model), v)[0])
-
-
-def test_subspaces_apply_on_the_decode_passes(model):  # noqa: F811
-    ids, mask = left_padded()
-    v = vec(scale=3.0)
-    iv = pv.IntervenableModel(steering_config(model.cfg.n_layers), model)
-    _, (out, scores) = iv.generate({"input_ids": ids, "attention_mask": mask}, source_representations=v,
-                                   subspaces=[[[0, 1]] * 3] * model.cfg.n_layers, intervene_on_prompt=False,
-                                   intervene_on_generated=True, max_new_tokens=NEW, output_scores=True)
-    masked = torch.zeros_like(v)
-    masked[:2] = v[:2]
-    ref, ref_scores = manual_greedy(model, ids, mask, NEW, mlp_out_names(model), masked, set(range(7, 7 + NEW)))
-    assert_same(out, ref, scores, ref_scores)
 
 
 def test_generate_bounds(model):  # noqa: F811

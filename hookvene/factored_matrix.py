@@ -158,3 +158,14 @@ class FactoredMatrix:
         if dim < 0:
             dim += self.ndim - 1  # among the leading dims
         return FactoredMatrix(self.A.unsqueeze(dim), self.B.unsqueeze(dim))
+
+
+def composition_score(left: FactoredMatrix, right: FactoredMatrix) -> Float[Tensor, "..."]:
+    """||left @ right||_F / (||left||_F ||right||_F), over broadcast leading dims: how much of what `left` writes
+    `right` reads (1 when right reads exactly left's output space, about sqrt(d_head / d_model) for random
+    matrices). Elhage et al. 2021's composition score; TransformerLens's `utils.composition_scores`."""
+    if left.rdim != right.ldim:
+        raise ValueError(f"a composition score needs left's output dim to equal right's input dim: left is "
+                         f"{tuple(left.shape)}, right is {tuple(right.shape)}")
+    return (left @ right).norm() / (left.norm() * right.norm())
+

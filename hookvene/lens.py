@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from hookvene.factored_matrix import FactoredMatrix
+from hookvene.factored_matrix import FactoredMatrix, composition_score
 from hookvene.hooks import HookedModule
 from hookvene.utils import warn_unknown_tokens
 
@@ -303,6 +303,22 @@ class LensModel(HookedModule):
     def OV(self) -> FactoredMatrix:
         """W_V W_O per (layer, head): (layer, head, d_model, d_model), factored (rank d_head)."""
         return FactoredMatrix(self.W_V, self.W_O)
+
+    def all_composition_scores(self, mode: str) -> Float[Tensor, "layer1 head1 layer2 head2"]:
+        """[l1, h1, l2, h2] = how much head l2.h2 reads head l1.h1's output through its queries ("Q"), keys ("K")
+        or values ("V"): the composition score of OV[l1, h1] with QK[l2, h2] (Q), QK[l2, h2]^T (K) or OV[l2, h2]
+        (V); 0 unless l1 < l2. TransformerLens's method (row-vector convention: a head's write y enters a later
+        head's attention scores as x_q QK y^T through its key, y QK x_k^T through its query)."""
+        if mode not in ("Q", "K", "V"):
+            raise ValueError(f"mode must be one of 'Q', 'K', 'V' (which input of the later head reads the earlier "
+                             f"head's output), got {mode!r}")
+        OV = self.OV
+        right = {"Q": self.QK, "K": self.QK.T, "V": OV}[mode]
+        # (l1, h1, 1, 1) against (1, 1, l2, h2): every pair at once.
+        scores = composition_score(OV.unsqueeze(2).unsqueeze(3), right.unsqueeze(0).unsqueeze(1))
+        n_layers = scores.shape[0]
+        earlier = torch.arange(n_layers)[:, None, None, None] < torch.arange(n_layers)[None, None, :, None]
+        return torch.where(earlier.to(scores.device), scores, torch.zeros_like(scores))
 
     def tokens_to_residual_directions(self, tokens: str | int | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
         """The unembedding direction of each token (a column of W_U): a token's logit is (final normalised residual)

@@ -99,6 +99,8 @@ def compare(name, hf, tok, path, processing):
             rows.append((f"weight view {w}", maxdiff(getattr(ours, w), getattr(tl, w))))
         rows.append(("QK.AB, OV.AB", max(maxdiff(ours.QK.AB, tl.QK.AB), maxdiff(ours.OV.AB, tl.OV.AB))))
         rows.append(("OV.svd() S, OV.norm()", max(maxdiff(ours.OV.S, tl.OV.S), maxdiff(ours.OV.norm(), tl.OV.norm()))))
+        rows.append(("all_composition_scores Q, K, V", max(maxdiff(ours.all_composition_scores(m),
+                                                                   tl.all_composition_scores(m)) for m in "QKV")))
         for method, kw in (("accumulated_resid", dict(apply_ln=True, incl_mid=True)),
                            ("decompose_resid", dict(apply_ln=True)), ("decompose_resid", dict(layer=2, mlp_input=True)),
                            ("stack_head_results", dict(apply_ln=True, pos_slice=-1)),

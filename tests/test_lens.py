@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hookvene as pv
-from hookvene.factored_matrix import FactoredMatrix
+from hookvene.factored_matrix import FactoredMatrix, composition_score
 from hookvene.hooks import act_name
 from hookvene.utils import test_prompt as tl_test_prompt
 from tests.helpers import GATED_HOOKS, close, make_tokenizer, save_checkpoint, tiny_gpt2
@@ -294,6 +294,27 @@ def test_factored_matrix_agrees_with_dense_products(tiny):
     close(OV.BA, model.W_O @ model.W_V, atol=1e-5)
     with pytest.raises(ValueError, match="do not chain"):
         FactoredMatrix(torch.randn(3, 4), torch.randn(5, 3))
+
+
+def test_all_composition_scores_from_dense_products(tiny):
+    """Each score by hand from the dense d_model x d_model circuits: ||W_OV1 @ M2|| / (||W_OV1|| ||M2||) with M2
+    the later head's QK (Q), QK^T (K) or OV (V); 0 unless the writer's layer is earlier (TransformerLens's
+    all_composition_scores, compared with TL itself in scripts/compare_transformer_lens.py)."""
+    model, _, _ = tiny
+    OV, QK = model.OV.AB.detach(), model.QK.AB.detach()
+    L, H = OV.shape[:2]
+    right = {"Q": QK, "K": QK.transpose(-2, -1), "V": OV}
+    for mode, M in right.items():
+        scores = model.all_composition_scores(mode)
+        assert scores.shape == (L, H, L, H)
+        for l1, h1, l2, h2 in [(0, 0, 1, 3), (0, 2, 2, 1), (1, 3, 2, 0), (1, 1, 1, 2), (2, 0, 0, 0)]:
+            want = (OV[l1, h1] @ M[l2, h2]).norm() / (OV[l1, h1].norm() * M[l2, h2].norm()) if l1 < l2 else 0.0
+            assert float(scores[l1, h1, l2, h2]) == pytest.approx(float(want), abs=1e-5), (mode, l1, h1, l2, h2)
+    assert not torch.allclose(model.all_composition_scores("Q"), model.all_composition_scores("K"))
+    with pytest.raises(ValueError, match="mode must be one of 'Q', 'K', 'V'.*got 'k'"):
+        model.all_composition_scores("k")
+    with pytest.raises(ValueError, match="output dim to equal"):
+        composition_score(model.OV[0, 0], FactoredMatrix(torch.randn(5, 2), torch.randn(2, 5)))
 
 
 def test_tokens_to_residual_directions(ioi):

@@ -1,7 +1,8 @@
 """The `hookvene` command.
 
     hookvene ioi   [--model ioi-gpt2] [--out out/]        IOI circuit analysis (the README's main job)
-    hookvene induction [--model M] [--contrast M2]       induction heads: scores, K-composition, ablation, paths
+    hookvene induction [--model induction-gpt2] [--contrast ioi-gpt2]   induction heads: scores, composition,
+                                                           ablation, path patching
     hookvene trace --prompt ... --subject ... --target ...  causal tracing heatmap
     hookvene patch --clean ... --corrupted ... --answer ... --wrong ...   activation patching heatmap
     hookvene info  MODEL                                   components, hooks and sizes
@@ -208,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(faster for them, and robust on a busy machine) and torch's choice for larger ones")
     sub = p.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
 
-    def common(sp: argparse.ArgumentParser, seeds: str | None) -> None:
-        sp.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local checkpoint dir, or hub name")
+    def common(sp: argparse.ArgumentParser, seeds: str | None, model: str = DEFAULT_MODEL) -> None:
+        sp.add_argument("--model", default=model, help=f"bundled name, local checkpoint dir, or hub name (default: "
+                                                       f"{model})")
         sp.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name, for a model directory "
                         "without tokenizer files (default: the model's own)")
         sp.add_argument("--out", default="out", help="folder for figures and results")
@@ -224,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("induction", help="induction heads: attention scores, loss on repeated tokens, K-composition, "
                         "ablation and path patching (and the same on a contrast model)")
-    common(sp, "random sequences")
-    sp.add_argument("--contrast", default="", help="a second model to analyse the same way (default: none)")
+    common(sp, "random sequences", model="induction-gpt2")
+    sp.add_argument("--contrast", default="ioi-gpt2", help="a second model to analyse the same way (default: "
+                    "ioi-gpt2, which has no induction circuit; '' for none)")
     sp.add_argument("--n", type=positive_int, default=200, help="number of repeated random sequences")
     sp.add_argument("--half", type=positive_int, default=None,
                     help="length of the repeated half (default 20, less if the model has fewer positions)")

@@ -43,6 +43,11 @@ CASES = {
                             "Zeroing features", "Finding: feature"],
                            ["sae_feature_roles.png", "sae_feature_patching.png", "sae/cfg.json",
                             "sae/sae_weights.safetensors"]),
+    "09_induction_heads.py": (["Loss on the first half:", "Previous-token head: L0H0", "Composition scores, layer-0",
+                               "Path patching L0 heads ->", "induction_analysis finds the same circuit: found = True",
+                               "Finding: L0H0 (previous token) feeds L1H"],
+                              ["induction-gpt2_induction_scores.png", "induction-gpt2_composition.png",
+                               "induction-gpt2_loss_per_position.png", "ioi-gpt2_induction_scores.png"]),
 }
 
 
@@ -107,10 +112,29 @@ def sae_finding(out: str) -> None:
     assert number(r"Exact: (\d+)% of the total \|effect\| is at END", out) >= 90
 
 
+def induction_finding(out: str) -> None:
+    chance = number(r"first half: [\d.]+ \(chance ([\d.]+)\)", out)
+    assert abs(number(r"first half: ([\d.]+)", out) - chance) < 0.05  # the first half cannot be predicted ...
+    assert number(r"on the repeated half: ([\d.]+)", out) < 0.3  # ... the repeat can
+    assert number(r"Previous-token head: L0H0 \(([\d.]+)\)", out) >= 0.6
+    assert number(r"current-token head: L0H1 \(([\d.]+)\)", out) >= 0.6
+    listed = re.findall(r"L1H\d \(([\d.]+)\)", out.split("induction heads:")[1].splitlines()[0])
+    assert len(listed) == 2 and min(float(v) for v in listed) >= 0.9  # both layer-1 heads are induction heads
+    p95 = number(r"score at most ([\d.]+) \(95th", out)
+    for pattern in (r"keys \(K-composition ([\d.]+)\)", r"queries and values \(Q ([\d.]+)", r", V ([\d.]+)\);"):
+        assert number(pattern, out) > 2 * p95  # each composition far above random matrices
+    ablated = number(r"puts the repeated half back at chance \(([\d.]+)", out)
+    assert abs(ablated - chance) < 0.05
+    clean = number(r"keys, repeated-half loss: .*\(clean ([\d.]+)", out)
+    assert number(r"L0H0=([\d.]+) L0H1", out) - clean > 2  # the keys need the previous-token head ...
+    assert number(r"L0H1=([\d.]+) \(clean", out) - clean < 0.05  # ... and not the other one
+    assert "ioi-gpt2: " in out and "circuit found: False" in out  # the contrast has none
+
+
 # script -> a check of the finding it prints (numbers from the bundled model, with margins: see each check)
 FINDINGS = {"02_causal_tracing.py": tracing_finding, "03_das_training.py": das_finding,
             "06_steering_generation.py": steering_finding, "07_ioi_walkthrough.py": walkthrough_finding,
-            "08_sae_features.py": sae_finding}
+            "08_sae_features.py": sae_finding, "09_induction_heads.py": induction_finding}
 
 
 def run_example(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -1,8 +1,11 @@
-"""Induction heads: the scores, data and composition maths of hookvene.experiments.induction on hand-made inputs,
-and `hookvene induction` on the bundled `ioi-gpt2`, which has no induction circuit and must not be said to have one.
+"""Induction heads: the scores, data and composition maths of hookvene.experiments.induction on hand-made inputs;
+the circuit of the bundled `induction-gpt2` (which heads, how strongly, which feeds which, what ablating them does);
+and the bundled `ioi-gpt2`, which has no induction circuit and must not be said to have one.
 """
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,6 @@ import torch
 import hookvene as pv
 from hookvene.cli import main
 from hookvene.experiments.induction import (
-    composition_score,
     half_losses,
     induction_analysis,
     induction_scores,
@@ -19,7 +21,7 @@ from hookvene.experiments.induction import (
     random_composition_baseline,
     random_tokens,
 )
-from hookvene.factored_matrix import FactoredMatrix
+from hookvene.factored_matrix import FactoredMatrix, composition_score
 
 # -- the building blocks, on inputs whose answers are known -----------------------------------------------------
 
@@ -84,13 +86,95 @@ def test_mean_ablation_replaces_only_the_named_heads():
     assert torch.allclose(out[:, :, 2], z[:, :, 2].mean(0, keepdim=True).expand(4, 5, 2))
 
 
+# -- induction-gpt2: the circuit that tutorial 9 and `hookvene induction` report ----------------------------------
+# Thresholds from the bundled model's numbers (200 sequences: previous-token score 0.74, induction 0.96 / 0.98,
+# K-composition 0.26 against a random 95th percentile of 0.09, repeated half 0.16 -> 4.61 ablated, chance 4.61),
+# with margins for another sample of sequences.
+
+
+@pytest.fixture(scope="module")
+def induction_gpt2():
+    model = pv.from_pretrained("induction-gpt2", fold_ln=True, center_writing_weights=True)
+    vocab = [i for i in range(len(model.tokenizer)) if i not in model.tokenizer.all_special_ids]
+    report = induction_analysis(model, vocab, model.tokenizer.bos_token_id, n=40, seed=7, model_name="induction-gpt2")
+    return model, report
+
+
+def test_induction_gpt2_repeats_what_it_cannot_predict(induction_gpt2):
+    _, report = induction_gpt2
+    assert report.n_vocab == 100 and report.half == 20
+    assert abs(report.first_half_loss - report.chance_loss) < 0.05
+    assert report.repeated_half_loss < 0.3
+    assert float(report.loss_per_position[report.half + 3:].max()) < 0.6  # every repeated token from the 3rd on
+
+
+def test_induction_gpt2_heads(induction_gpt2):
+    model, report = induction_gpt2
+    assert report.found
+    assert report.prev_head == (0, 0) and float(report.prev_scores[0, 0]) >= 0.6
+    assert float(report.prev_scores[0, 1]) < 0.2  # the other layer-0 head does not look back one
+    assert float(report.induction_scores[1].min()) >= 0.9  # both layer-1 heads are induction heads
+    assert float(report.induction_scores[0].max()) < 0.05
+    tokens = random_tokens(range(3, 103), 40, 20, model.tokenizer.bos_token_id, torch.Generator().manual_seed(3))
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
+    to_self = cache["blocks.0.attn.hook_pattern"].diagonal(dim1=-2, dim2=-1)[..., 1:].mean(dim=(0, -1))
+    assert float(to_self[1]) >= 0.7 and float(to_self[0]) < 0.05  # L0H1 attends to the current token
+
+
+def test_induction_gpt2_composition(induction_gpt2):
+    """K: the previous-token head feeds both induction heads' keys; Q and V: the current-token head L0H1 feeds
+    their queries and values. Each well above random matrices and above the other layer-0 head."""
+    model, report = induction_gpt2
+    assert report.top_composition[0] == (0, 0) and report.top_composition[1] > 2 * report.baseline_p95
+    K, Q, V = (model.all_composition_scores(m).detach()[0, :, 1, :] for m in "KQV")
+    assert torch.equal(K, report.composition[0, :, 1, :])
+    for reader in (0, 1):
+        assert K[0, reader] > 2 * report.baseline_p95 and K[0, reader] > 1.5 * K[1, reader]
+        for scores in (Q, V):
+            assert scores[1, reader] > 2 * report.baseline_p95 and scores[1, reader] > 1.5 * scores[0, reader]
+
+
+def test_induction_gpt2_ablation_and_path_patching(induction_gpt2):
+    _, report = induction_gpt2
+    chance, clean = report.chance_loss, report.ablation["none"]
+    assert abs(report.circuit_ablation - chance) < 0.05  # ablating L0H0 + the induction head: back to chance
+    assert report.ablation["L0H0"] - clean > 4 and report.ablation["L0H1"] - clean > 4  # both layer-0 heads needed
+    il, ih = report.induction_head
+    other = f"L1H{1 - ih}"
+    # One induction head alone does part of the job: ablating the best one costs more than ablating the other.
+    assert report.ablation[f"L1H{ih}"] - clean > 1.0 and report.ablation[other] - clean < report.ablation[f"L1H{ih}"]
+    assert float(report.ablated_loss_per_position[report.half + 1:].min()) > chance - 0.1
+    assert float(report.path[0, 0]) - report.path_clean > 2  # the keys need the previous-token head ...
+    assert float(report.path[0, 1]) - report.path_clean < 0.05  # ... not the current-token head
+    assert report.path_corrupted > chance
+
+
+@pytest.mark.e2e
+def test_cli_default_is_induction_gpt2_with_ioi_gpt2_for_contrast(tmp_path, capsys):
+    """`hookvene induction` as the README shows it: every line of the README's (abridged) output is printed."""
+    main(["induction", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    ours, contrast = out.split("Induction on ioi-gpt2")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = readme.split("On `induction-gpt2` it prints (abridged):\n\n```\n")[1].split("```")[0].splitlines()
+    assert len(shown) == 8
+    for line in shown:
+        assert line in ours.splitlines(), line
+    rows = re.findall(r"induction ([\d. ]+)\n", contrast)  # ioi-gpt2's per-layer induction scores
+    assert len(rows) == 4 and max(float(v) for row in rows for v in row.split()) <= 0.05  # as the README says
+    assert "induction circuit found: yes" in ours
+    assert "previous-token head L0H0" in ours and "highest from L0H0" in ours
+    assert "induction circuit found: no" in contrast
+    assert (tmp_path / "induction-gpt2_composition.png").is_file() and (tmp_path / "ioi-gpt2_composition.png").is_file()
+
+
 # -- on a real model: ioi-gpt2 has no induction circuit -------------------------------------------------------
 
 
 def test_ioi_gpt2_has_no_induction_circuit():
     model = pv.from_pretrained("ioi-gpt2", fold_ln=True, center_writing_weights=True)
     vocab = [i for i in range(len(model.tokenizer)) if i not in model.tokenizer.all_special_ids]
-    report = induction_analysis(model, vocab, model.tokenizer.bos_token_id, n=60, model_name="ioi-gpt2")
+    report = induction_analysis(model, vocab, model.tokenizer.bos_token_id, n=30, model_name="ioi-gpt2")
     assert report.half == 15  # 2 * 15 + 1 tokens fit its 32 positions
     assert not report.found
     assert float(report.prev_scores.max()) < 0.3 and float(report.induction_scores.max()) < 0.3

@@ -69,15 +69,19 @@ def test_headline_numbers_are_what_the_command_prints(capsys, tmp_path):
 
 
 def test_zoo_readme_block_prints_what_its_comments_say(capsys, monkeypatch):
-    """hookvene/zoo/README.md's plain-transformers block: the logit difference and the greedy completion it quotes."""
+    """hookvene/zoo/README.md's plain-transformers blocks: ioi-gpt2's logit difference and greedy completion, and
+    induction-gpt2's greedy completion of a repeat, as quoted."""
     path = os.path.join(os.path.dirname(README), "hookvene", "zoo", "README.md")
-    (block,) = python_blocks(path)
+    ioi_block, induction_block = python_blocks(path)
     monkeypatch.chdir(os.path.dirname(README))  # the block names the model directory relative to the repository root
-    exec(compile(block, "hookvene/zoo/README.md", "exec"), {})  # noqa: S102 - the README is ours
+    exec(compile(ioi_block, "hookvene/zoo/README.md", "exec"), {})  # noqa: S102 - the README is ours
     out = capsys.readouterr().out
-    quoted = re.search(r"# (tensor\([\d.]+),", block).group(1)
+    quoted = re.search(r"# (tensor\([\d.]+),", ioi_block).group(1)
     assert quoted in out
-    assert re.search(r"# (<\|endoftext\|>Then, Mary.*)", block).group(1) in out
+    assert re.search(r"# (<\|endoftext\|>Then, Mary.*)", ioi_block).group(1) in out
+    exec(compile(induction_block, "hookvene/zoo/README.md", "exec"), {})  # noqa: S102
+    completion = re.search(r"# (<\|endoftext\|> ka lo.*)", induction_block).group(1)
+    assert completion.count("ka lo mi zu") == 2 and completion + "\n" in capsys.readouterr().out
 
 
 def test_mutation_table_is_the_kept_results():

@@ -12,14 +12,16 @@ al. 2021, "A Mathematical Framework for Transformer Circuits").
 1. per-head previous-token and induction scores (mean attention to position q - 1, resp. q - L + 1);
 2. the loss on the first half and on the repeated half, per position;
 3. K-composition scores between every earlier-layer head's OV circuit and every later-layer head's QK circuit
-   (`FactoredMatrix` weight views), against the same score for random matrices of the same shapes;
+   (`model.all_composition_scores("K")`, from the `FactoredMatrix` weight views), against the same score for
+   random matrices of the same shapes;
 4. mean-ablating the previous-token and induction heads (and, as a control, each head alone);
 5. path patching from each earlier head to the induction head's keys only.
 
 Load the model with TransformerLens's weight processing (`fold_ln=True, center_writing_weights=True`, as the CLI
 does), so that the weight views include the LayerNorm scales the heads actually see; the other steps give the
 same numbers either way. `InductionReport.found` is the verdict; on a model without the circuit the report still
-names the best-scoring heads, and says no (the bundled `ioi-gpt2`, for example).
+names the best-scoring heads, and says no. The bundled `induction-gpt2` has the circuit (L0H0 -> L1H1); the
+bundled `ioi-gpt2` does not.
 """
 
 import math
@@ -33,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from hookvene.experiments.path_patching import path_patch
-from hookvene.factored_matrix import FactoredMatrix
+from hookvene.factored_matrix import FactoredMatrix, composition_score
 from hookvene.viz import heatmap, line_plot
 
 # What counts as "found" (the verdict line). A head that always attends one step back scores 1, a uniform
@@ -84,26 +86,6 @@ def induction_scores(patterns: Float[Tensor, "layer batch head q k"], half: int)
     return patterns.diagonal(offset=-(half - 1), dim1=-2, dim2=-1)[..., 2:].mean(dim=(1, -1))
 
 
-def composition_score(left: FactoredMatrix, right: FactoredMatrix) -> Tensor:
-    """||left @ right||_F / (||left||_F ||right||_F): how much of `right` reads what `left` writes (at most 1)."""
-    return (left @ right).norm() / (left.norm() * right.norm())
-
-
-def k_composition_scores(model: nn.Module) -> Float[Tensor, "layer head layer head"]:
-    """[l1, h1, l2, h2] = K-composition of head l1.h1's output into head l2.h2's keys (NaN unless l1 < l2):
-    the composition score of OV[l1, h1] with QK[l2, h2]^T, TransformerLens's convention (row vectors: a key
-    residual x_k enters the scores as x_q QK x_k^T, and a head's write to it is y OV)."""
-    OV, QK = model.OV, model.QK
-    n_layers, n_heads = OV.shape[:2]
-    scores = torch.full((n_layers, n_heads, n_layers, n_heads), float("nan"))
-    for l1 in range(n_layers):
-        for l2 in range(l1 + 1, n_layers):
-            for h1 in range(n_heads):
-                for h2 in range(n_heads):
-                    scores[l1, h1, l2, h2] = composition_score(OV[l1, h1], QK[l2, h2].T)
-    return scores
-
-
 def random_composition_baseline(d_model: int, d_head: int, n: int = 200, seed: int = 0) -> Tensor:
     """Composition scores of `n` pairs of random (Gaussian) factored matrices with a head's shapes: what the
     score is for heads that do not compose."""
@@ -143,7 +125,7 @@ class InductionReport:
     n_vocab: int  # how many tokens the sequences were drawn from: chance loss is ln(n_vocab)
     prev_head: tuple[int, int]
     induction_head: tuple[int, int]
-    composition: Tensor  # (layer, head, layer, head), NaN unless the first layer is earlier
+    composition: Tensor  # (layer, head, layer, head): model.all_composition_scores("K"), 0 unless l1 < l2
     baseline_mean: float  # random-matrix composition scores: mean and 95th percentile
     baseline_p95: float
     ablation: dict[str, float]  # repeated-half loss with these heads mean-ablated ("none", "L0H1", "L0H1+L1H2")
@@ -160,7 +142,7 @@ class InductionReport:
     @property
     def top_composition(self) -> tuple[tuple[int, int], float]:
         """The earlier-layer head whose output the induction head's keys read most, and its score."""
-        into = self.composition[:, :, self.induction_head[0], self.induction_head[1]].nan_to_num(-1.0)
+        into = self.composition[:self.induction_head[0], :, self.induction_head[0], self.induction_head[1]]
         idx = int(into.argmax())
         sender = divmod(idx, into.shape[1])
         return sender, float(into[sender])
@@ -247,7 +229,7 @@ def induction_analysis(model: nn.Module, vocab: Sequence[int] | Tensor, bos: int
         il += 1
         pl, ph = divmod(int(prev[:il].argmax()), n_heads)
 
-        composition = k_composition_scores(model)
+        composition = model.all_composition_scores("K").detach()  # 0 unless the sender's layer is earlier
         baseline = random_composition_baseline(model.cfg.d_model, model.cfg.d_head, seed=seed)
 
         def repeated_loss(hooks: list) -> tuple[float, Tensor]:
@@ -296,7 +278,8 @@ def write_figures(report: InductionReport, out_dir: str) -> dict[str, str]:
             title=f"{report.model_name}: previous-token and induction scores per head", path=files["head scores"])
     senders = [(la, h) for la in range(n_layers - 1) for h in range(n_heads)]
     receivers = [(la, h) for la in range(1, n_layers) for h in range(n_heads)]
-    comp = torch.tensor([[float(report.composition[s + r]) for r in receivers] for s in senders])
+    comp = torch.tensor([[float(report.composition[s + r]) if s[0] < r[0] else float("nan") for r in receivers]
+                         for s in senders])  # blank where the writer is not earlier
     heatmap(comp, [head_name(s) for s in senders], [head_name(r) for r in receivers], row_label="writer (OV)",
             col_label="reader (QK keys)", vmin=0.0, cbar_label="composition score",
             title=f"{report.model_name}: K-composition scores (random matrices: mean {report.baseline_mean:.2f}, "

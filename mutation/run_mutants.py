@@ -86,6 +86,7 @@ GROUPS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     ),
 }
 
+ALSO_COPY = ["LICENSE", "README.md", "examples", "mutation", "scripts"]
 STORE = ROOT / "mutation" / "results.json"  # the kept results (see `collect`)
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
 
@@ -131,7 +132,9 @@ def write_config(work: Path, files: list[str], tests: list[str]) -> None:
     text += (f"\n[tool.mutmut]\nsource_paths = [\"hookvene\"]\nonly_mutate = {toml_list(files)}\n"
              f"pytest_add_cli_args = {toml_list(FAST)}\n"
              f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
-             f"use_git_change_detection = false\n")
+             f"use_git_change_detection = false\n"
+             # files some tests read (the license, the READMEs, the examples), into mutmut's mutants/ copy too
+             f"also_copy = {toml_list(ALSO_COPY)}\n")
     pyproject.write_text(text)
 
 

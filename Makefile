@@ -26,7 +26,8 @@ test-fast: install   # all but the end-to-end runs (CLI, examples, README blocks
 test-shapes: install   # the core tests with every jaxtyping shape annotation checked at run time
 	$(PY) -m pytest --jaxtyping-packages=hookvene,beartype.beartype -k "not bad_input and not bad_inputs and not hand_made" \
 	    tests/test_gpt2.py tests/test_gpt_neo.py tests/test_t5.py tests/test_gru.py tests/test_intervenable.py \
-	    tests/test_generate.py tests/test_experiments.py tests/test_components.py tests/test_llama.py tests/test_gpt_neox.py
+	    tests/test_generate.py tests/test_experiments.py tests/test_components.py tests/test_llama.py tests/test_gpt_neox.py \
+	    tests/test_lens.py tests/test_induction.py
 
 lint: install
 	$(VENV)/bin/ruff check hookvene tests examples benchmarks scripts

@@ -11,7 +11,7 @@ Imports nothing from hookvene (the foundation layer).
 from typing import Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Complex, Float
 from torch import Tensor
 
 Operand = Union[Tensor, "FactoredMatrix"]
@@ -117,7 +117,7 @@ class FactoredMatrix:
         return self.svd()[2]
 
     @property
-    def eigenvalues(self) -> Float[Tensor, "... mdim"]:
+    def eigenvalues(self) -> Complex[Tensor, "... mdim"]:
         """The non-zero eigenvalues of M (complex), from B @ A, which has the same non-zero spectrum."""
         return torch.linalg.eig(self.BA).eigenvalues
 

@@ -137,7 +137,7 @@ def attention_html(tokens: Sequence[str] | Sequence[Sequence[str]],
     return path
 
 
-def line_plot(series: dict[str, Float[Tensor, " n"]], x: Sequence[float], *, x_label: str = "", y_label: str = "",
+def line_plot(series: dict[str, Float[Tensor, " n"]], x: Sequence[int | float], *, x_label: str = "", y_label: str = "",
               title: str = "", path: str | None = None, hline: tuple[float, str] | None = None,
               vline: tuple[float, str] | None = None) -> Any:
     """One line per entry of `series` (label -> values at `x`), with an optional labelled horizontal reference

@@ -131,7 +131,8 @@ def evaluate(model: GPT2LMHeadModel, tokens: torch.Tensor, plain: torch.Tensor) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "hookvene" / "zoo" / "induction-gpt2", help="checkpoint directory")
+    parser.add_argument("--out", type=Path, default=ROOT / "hookvene" / "zoo" / "induction-gpt2",
+                        help="checkpoint directory (default: the bundled model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--warmup-steps", type=int, default=50)

@@ -292,6 +292,9 @@ def test_factored_matrix_agrees_with_dense_products(tiny):
     big = dense_ev[dense_ev.abs().argsort(descending=True)][:8]
     close(ev.abs().sort().values, big.abs().sort().values, atol=1e-4)
     close(OV.BA, model.W_O @ model.W_V, atol=1e-5)
+
+
+def test_factored_matrix_bad_input():
     with pytest.raises(ValueError, match="do not chain"):
         FactoredMatrix(torch.randn(3, 4), torch.randn(5, 3))
 
@@ -305,7 +308,7 @@ def test_all_composition_scores_from_dense_products(tiny):
     L, H = OV.shape[:2]
     right = {"Q": QK, "K": QK.transpose(-2, -1), "V": OV}
     for mode, M in right.items():
-        scores = model.all_composition_scores(mode)
+        scores = model.all_composition_scores(mode).detach()
         assert scores.shape == (L, H, L, H)
         for l1, h1, l2, h2 in [(0, 0, 1, 3), (0, 2, 2, 1), (1, 3, 2, 0), (1, 1, 1, 2), (2, 0, 0, 0)]:
             want = (OV[l1, h1] @ M[l2, h2]).norm() / (OV[l1, h1].norm() * M[l2, h2].norm()) if l1 < l2 else 0.0

@@ -86,7 +86,7 @@ GROUPS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     ),
 }
 
-ALSO_COPY = ["LICENSE", "README.md", "examples", "mutation", "scripts"]
+ALSO_COPY = ["LICENSE", "Makefile", "README.md", "examples", "mutation", "scripts", "benchmarks", ".ci"]
 STORE = ROOT / "mutation" / "results.json"  # the kept results (see `collect`)
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
 

@@ -411,10 +411,8 @@ def module_path_site(model: nn.Module, path: str, unit: str = "pos") -> Site:
     n_layers = _n_layers(model, "decoder." if template.startswith("decoder.") else "")
     if "{layer}" in template and n_layers is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} in {path!r} is out of range: the model has {n_layers} layers")
-    site = table[template].at(layer, model.cfg)
-    if site.view != "step":
-        site = replace(site, view=site.view if site.view == "merge_heads" else "flat")
-    return _check_unit(site, path, unit)
+    # The tables hold flat, merge_heads (pos is dimension 1 of both) and the GRU's step views only.
+    return _check_unit(table[template].at(layer, model.cfg), path, unit)
 
 
 def _check_unit(site: Site, component: str, unit: str, raw: bool = False) -> Site:

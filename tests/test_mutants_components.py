@@ -99,6 +99,28 @@ def test_foreign_model_without_a_layer_count(registered):
         resolve(model, 3, "block_output", "pos")
 
 
+def test_foreign_registrations_without_sizes_a_layer_or_a_layer_count():
+    """A component with no dimension expressions (or a class with none at all) gets dim None; a module path without
+    %s is that module at every layer; a decoder component is range-checked by n_decoder_layers only; and a config
+    naming its encoder layers (n_encoder_layers) is read for those before any other name."""
+    type_to_module_mapping[Stack] = {"fixed": ("layers[0]", "register_forward_hook"),
+                                     "decoder.block_output": ("layers[%s]", "register_forward_hook")}
+    try:
+        model = Stack(n_layer=2)
+        assert resolve(model, 1, "fixed", "pos") == Site("layers[0]", "flat", None, module_hook="register_forward_hook")
+        assert resolve(model, 2, "decoder.block_output", "pos").hook == "layers[2]"  # no n_decoder_layers: no check
+        type_to_dimension_mapping[Stack] = {"other": ("n_layer",)}
+        assert resolve(model, 1, "fixed", "pos").dim is None
+        with pytest.raises(ValueError, match=r"^layer 2 is out of range for 'fixed': the model has 2 layers"):
+            resolve(Stack(n_encoder_layers=2, n_layers=3), 2, "fixed", "pos")
+        with pytest.raises(ValueError, match=r"^layer 1 is out of range for 'decoder\.block_output': the model has 1 "
+                                             r"layers"):
+            resolve(Stack(n_layers=3, n_decoder_layers=1), 1, "decoder.block_output", "pos")
+    finally:
+        del type_to_module_mapping[Stack]
+        type_to_dimension_mapping.pop(Stack, None)
+
+
 def test_an_unregistered_foreign_model_is_refused():
     with pytest.raises(ValueError, match=r"^no component table for Stack: register one in "
                                          r"hookvene\.type_to_module_mapping\[Stack\], or pass a hookvene model$"):
@@ -148,6 +170,9 @@ def test_raw_hook_names_and_units():
     with pytest.raises(ValueError, match=r"^unit 'pos' is not valid for component 'head_attention_value_output' "
                                          r"\(pyvene's 'pos' here silently meant heads\); valid units: h, h\.pos$"):
         resolve(GPT2, 0, "head_attention_value_output", "pos")
+    with pytest.raises(ValueError, match=r"^unit 't' is not valid for component 'head_attention_value_output'; "
+                                         r"valid units: h, h\.pos$"):  # the hint is for 'pos' only
+        resolve(GPT2, 0, "head_attention_value_output", "t")
     with pytest.raises(ValueError, match=r"^unit 'h' is not valid for component 'mlp_output'; valid units: pos$"):
         resolve(GPT2, 0, "mlp_output", "h")
     with pytest.raises(ValueError, match=r"^unit 't' is not valid for component 'block_output'; valid units: pos$"):
@@ -160,6 +185,7 @@ def test_table_entries_that_are_not_sites_or_name_missing_hooks():
     table["gone"] = Site("blocks.{layer}.hook_nothing")
     table["by_module"] = ("h[%s].mlp", "register_forward_hook")
     table["by_module_input"] = ("h[%s].mlp", "register_forward_pre_hook")
+    table["fixed_module"] = ("h[0].mlp", "register_forward_hook")  # no %s: the same module at every layer
     try:
         with pytest.raises(ValueError, match=r"^component 'bad_entry' of GPT2LM is registered as "
                                              r"'blocks\.\{layer\}\.hook_resid_pre'; table entries for hooked models "
@@ -170,17 +196,37 @@ def test_table_entries_that_are_not_sites_or_name_missing_hooks():
             resolve(GPT2, 1, "gone", "pos")
         assert resolve(GPT2, 1, "by_module", "pos") == Site("blocks.1.hook_mlp_out", "flat", 32)
         assert resolve(GPT2, 1, "by_module_input", "pos") == Site("blocks.1.ln2.hook_normalized", "flat", 32)
+        assert resolve(GPT2, 1, "fixed_module", "pos") == Site("blocks.0.hook_mlp_out", "flat", 32)
+        with pytest.raises(ValueError, match=r"^unit 'h' is not valid for component 'h\[1\]\.mlp\.output'; valid "
+                                             r"units: pos$"):
+            resolve(GPT2, 1, "by_module", "h")  # the unit reaches the module path
     finally:
-        for name in ("bad_entry", "gone", "by_module", "by_module_input"):
+        for name in ("bad_entry", "gone", "by_module", "by_module_input", "fixed_module"):
             del table[name]
 
 
-def test_unknown_component_names_the_near_misses():
+def test_unknown_component_names_the_near_misses(registered):
     with pytest.raises(ValueError, match=r"^unknown component for GPT2LM 'mlp_outptu'\. Did you mean 'mlp_output'"):
         resolve(GPT2, 0, "mlp_outptu", "pos")
+    with pytest.raises(ValueError, match=r"^unknown component for GPT2LM 'blocks\.0\.hook_resid_pr'\. Did you mean "
+                                         r"'blocks\.0\.hook_resid_pre'"):  # hook names are suggested too
+        resolve(GPT2, 0, "blocks.0.hook_resid_pr", "pos")
+    with pytest.raises(ValueError, match=r"^unknown component for Stack 'block_outptu'\. Did you mean 'block_output'"):
+        resolve(Stack(n_layer=2), 0, "block_outptu", "pos")  # a foreign model: no hook names to add
+    with pytest.raises(ValueError, match=r"^unit 'h' is not valid for component 'h\[0\]\.mlp\.output'; valid units: "
+                                         r"pos$"):
+        resolve(GPT2, 0, "h[0].mlp.output", "h")
 
 
 # -- pyvene module paths -------------------------------------------------------------------------------------------
+
+def test_module_path_tables_hold_views_whose_unit_is_dimension_1_or_a_step():
+    """module_path_site takes each table's Site as is: so every view must be one where `pos` is dimension 1."""
+    from hookvene.components import type_to_module_paths
+
+    assert {site.view for table in type_to_module_paths.values() for site in table.values()} == {
+        "flat", "merge_heads", "step"}
+
 
 @pytest.mark.parametrize("path, site", [
     ("h[1].mlp.output", Site("blocks.1.hook_mlp_out", "flat", 32)),
@@ -213,7 +259,9 @@ def test_module_paths_out_of_range_or_unknown():
                                          r"layers$"):
         module_path_site(GPT2, "h[2].mlp.output")
     with pytest.raises(ValueError, match=r"^module path 'h\[0\]\.mlp\.nothing\.output' has no hook point in GPT2LM: "
-                                         r".* Paths it maps \(\{layer\} = a layer index\): h\[\{layer\}\]\.attn\."):
+                                         r".* Paths it maps \(\{layer\} = a layer index\): "
+                                         r"h\[\{layer\}\]\.attn\.attn_dropout\.input, "
+                                         r"h\[\{layer\}\]\.attn\.attn_dropout\.output, "):
         module_path_site(GPT2, "h[0].mlp.nothing.output")
     with pytest.raises(ValueError, match=r"has no hook point in Stack: .*Paths it maps .*: \(none: use component "
                                          r"names or hook names\)"):

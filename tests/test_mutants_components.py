@@ -7,8 +7,10 @@ import re
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torch import nn
 
+import hookvene as pv
 from hookvene.components import (
     VIEW_UNITS,
     Site,
@@ -20,18 +22,27 @@ from hookvene.components import (
     type_to_dimension_mapping,
     type_to_module_mapping,
 )
-from tests.test_component_aliases import MODELS
 
-GPT2, _ = MODELS["gpt2"]
-T5, _ = MODELS["t5"]  # 2 encoder and 3 decoder layers
-GRU, _ = MODELS["gru"]
+
+def _models():
+    from transformers import GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=40, n_positions=16))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2,
+                                             num_decoder_layers=3, num_heads=3, decoder_start_token_id=0))
+    _, _, gru = pv.create_gru_classifier(pv.GRUConfig(h_dim=6, d_in=5, n_layer=2))
+    return pv.from_pretrained(gpt2), pv.from_pretrained(t5), gru
+
+
+GPT2, T5, GRU = _models()  # d_model 32, 16 positions; T5: d_model 16, 2 encoder and 3 decoder layers; GRU: width 6
 
 
 # -- layer ranges --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model, component, unit, n_layers", [
     (GPT2, "block_output", "pos", 2),
-    (MODELS["gpt_neo"][0], "mlp_output", "pos", 2),
+    (GPT2, "head_attention_value_output", "h", 2),
     (T5, "block_output", "pos", 2),  # a bare T5 name is the encoder's
     (T5, "encoder.attention_output", "pos", 2),
     (T5, "decoder.cross_attention_output", "pos", 3),

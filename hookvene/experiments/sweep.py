@@ -272,10 +272,9 @@ def _last_block_at_last_position(model: nn.Module, x: Tensor, cache: KVCache | N
         raise StopForward
 
     if x.shape[1] > 1:
-        try:
+        try:  # keys and values are projections of each position alone: no mask needed to cache them
             with attach(model, [Attachment(f"blocks.{layer}.attn.hook_z", stop)]):
-                model(inputs_embeds=x[:, :-1], start_at_layer=layer, past_key_values=cache,
-                      attention_mask=None if mask is None else mask[:, :-1])
+                model(inputs_embeds=x[:, :-1], start_at_layer=layer, past_key_values=cache)
         except StopForward:
             pass
     return model(inputs_embeds=x[:, -1:], start_at_layer=layer, stop_at_layer=layer + 1, past_key_values=cache,

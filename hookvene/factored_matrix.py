@@ -168,4 +168,3 @@ def composition_score(left: FactoredMatrix, right: FactoredMatrix) -> Float[Tens
         raise ValueError(f"a composition score needs left's output dim to equal right's input dim: left is "
                          f"{tuple(left.shape)}, right is {tuple(right.shape)}")
     return (left @ right).norm() / (left.norm() * right.norm())
-

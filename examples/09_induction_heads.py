@@ -25,6 +25,7 @@ import torch
 import hookvene as pv
 from hookvene.experiments import path_patch
 from hookvene.experiments.induction import (
+    current_token_scores,
     half_losses,
     head_name,
     induction_analysis,
@@ -58,7 +59,7 @@ print(f"Loss on the first half: {first:.3f} (chance {math.log(len(vocab)):.3f});
 # 2. Attention: each head's mean attention one step back, to the token after the earlier copy, and to itself.
 patterns = torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)])  # layer batch head q k
 prev, ind = prev_token_scores(patterns), induction_scores(patterns, HALF)
-self_scores = patterns.diagonal(dim1=-2, dim2=-1)[..., 1:].mean(dim=(1, -1))  # (layer, head): attention to q
+self_scores = current_token_scores(patterns)  # (layer, head): attention to q itself
 for layer in range(model.cfg.n_layers):
     print(f"Layer {layer} previous-token scores:", " ".join(f"{s:.2f}" for s in prev[layer]),
           "| induction scores:", " ".join(f"{s:.2f}" for s in ind[layer]),

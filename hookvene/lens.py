@@ -316,9 +316,9 @@ class LensModel(HookedModule):
         right = {"Q": self.QK, "K": self.QK.T, "V": OV}[mode]
         # (l1, h1, 1, 1) against (1, 1, l2, h2): every pair at once.
         scores = composition_score(OV.unsqueeze(2).unsqueeze(3), right.unsqueeze(0).unsqueeze(1))
-        n_layers = scores.shape[0]
-        earlier = torch.arange(n_layers)[:, None, None, None] < torch.arange(n_layers)[None, None, :, None]
-        return torch.where(earlier.to(scores.device), scores, torch.zeros_like(scores))
+        layers = torch.arange(scores.shape[0], device=scores.device)
+        earlier = layers[:, None, None, None] < layers[None, None, :, None]
+        return torch.where(earlier, scores, torch.zeros_like(scores))
 
     def tokens_to_residual_directions(self, tokens: str | int | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
         """The unembedding direction of each token (a column of W_U): a token's logit is (final normalised residual)

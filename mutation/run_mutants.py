@@ -245,6 +245,10 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
             shutil.rmtree(work / "mutants" / "tests")
             shutil.copytree(ROOT / "tests", work / "mutants" / "tests")
         (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # which tests reach what: measure again
+        # The code is the first run's, the tests are the working tree's: the report says both.
+        rev_path = workdir / f"{group}.revision"
+        first = rev_path.read_text().split(",")[0].strip() if rev_path.exists() else "unknown"
+        rev_path.write_text(f"{first}, survivors rerun on {revision(None)}")
         if not survivors:
             print(f"[{group}] no survivors to rerun")
             return

@@ -13,6 +13,7 @@ import torch
 import hookvene as pv
 from hookvene.cli import main
 from hookvene.experiments.induction import (
+    current_token_scores,
     half_losses,
     induction_analysis,
     induction_scores,
@@ -37,9 +38,10 @@ def test_scores_of_hand_made_patterns():
             ind[q, q - half + 1] = 1  # the token after the earlier copy of token q
         else:
             ind[q, 0] = 1  # nothing to copy yet: rest on BOS
-    patterns = torch.stack([prev, ind])[None, None]  # layer batch head q k
-    assert prev_token_scores(patterns).tolist() == [[1.0, pytest.approx(0.1)]]  # ind: only q=1 looks at q-1=0
-    assert induction_scores(patterns, half).tolist() == [[0.0, 1.0]]
+    patterns = torch.stack([prev, ind, torch.eye(n_pos)])[None, None]  # layer batch head q k
+    assert prev_token_scores(patterns).tolist() == [[1.0, pytest.approx(0.1), 0.0]]  # ind: only q=1 looks at q-1=0
+    assert induction_scores(patterns, half).tolist() == [[0.0, 1.0, 0.0]]
+    assert current_token_scores(patterns).tolist() == [[0.0, 0.0, 1.0]]  # q = 0 (always itself) left out
 
 
 def test_random_tokens_repeat_distinct_tokens():
@@ -117,7 +119,7 @@ def test_induction_gpt2_heads(induction_gpt2):
     assert float(report.induction_scores[0].max()) < 0.05
     tokens = random_tokens(range(3, 103), 40, 20, model.tokenizer.bos_token_id, torch.Generator().manual_seed(3))
     _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
-    to_self = cache["blocks.0.attn.hook_pattern"].diagonal(dim1=-2, dim2=-1)[..., 1:].mean(dim=(0, -1))
+    to_self = current_token_scores(cache["blocks.0.attn.hook_pattern"][None])[0]
     assert float(to_self[1]) >= 0.7 and float(to_self[0]) < 0.05  # L0H1 attends to the current token
 
 

@@ -80,6 +80,11 @@ def prev_token_scores(patterns: Float[Tensor, "layer batch head q k"]) -> Float[
     return patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, -1))
 
 
+def current_token_scores(patterns: Float[Tensor, "layer batch head q k"]) -> Float[Tensor, "layer head"]:
+    """Mean attention from each position q >= 1 to q itself."""
+    return patterns.diagonal(dim1=-2, dim2=-1)[..., 1:].mean(dim=(1, -1))
+
+
 def induction_scores(patterns: Float[Tensor, "layer batch head q k"], half: int) -> Float[Tensor, "layer head"]:
     """Mean attention from each position q of the repeated half to q - half + 1, the token after the previous
     occurrence of token q, in `<bos> A A` sequences with |A| = `half`."""

@@ -1,7 +1,8 @@
 """The sweep engine's helpers, with their expected values spelled out: position labels, the shared prefix a sweep
 skips, and the last block run at the last position only (left-padded rows, whose pads it must not attend to).
-Written for mutants of hookvene/experiments/sweep.py that survived the rest of the suite in a first, partial
-mutation run (see the README's mutation-testing section)."""
+Also the multi-process branch, with three threads standing in for three ranks. Written for mutants of
+hookvene/experiments/sweep.py that survived the rest of the suite in a first, partial mutation run (see the
+README's mutation-testing section)."""
 
 import pytest
 import torch
@@ -10,6 +11,9 @@ from hookvene.experiments.metrics import logit_diff
 from hookvene.experiments.patching import activation_patch
 from hookvene.experiments.sweep import position_labels, shared_prefix
 from tests.test_experiments import ANSWER, ATOL, WRONG, cell_by_cell, ids, make_model
+
+# random tiny models: the clean-corrupted gap is small, and only the raw values are compared here
+pytestmark = pytest.mark.filterwarnings("ignore::hookvene.experiments.results.UnreliableGapWarning")
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +86,119 @@ def test_left_padded_rows_read_at_the_last_position(model, llama, arch, kind):
     assert (res.values - ref).abs().max().item() <= ATOL
     unmasked = activation_patch(model, {"input_ids": clean}, {"input_ids": corrupted}, metric, kind=kind)
     assert (unmasked.values - res.values).abs().max() > 1e-3  # the pads matter: a mask dropped would show
+
+
+class ThreeRanks:
+    """torch.distributed stood in for by three threads of this process, for the sweep engine's multi-process branch
+    (the torchrun tests in test_distributed.py run it for real, in processes mutmut's in-process runs cannot see).
+    Each thread runs the whole sweep on its own copy of the model as one rank; the collectives meet at a barrier."""
+
+    world = 3
+
+    def __init__(self):
+        import threading
+
+        self.barrier = threading.Barrier(self.world)
+        self.slots = [None] * self.world
+        self.local = threading.local()
+        self.shares = []  # every sum_disjoint's per-rank tensors, as (rank 0's, rank 1's, rank 2's)
+        self.checks = []  # check_same's keyword arguments, per call and rank
+
+    def rank(self):
+        return self.local.rank
+
+    def gather_objects(self, obj):
+        self.slots[self.rank()] = obj
+        self.barrier.wait()
+        every = list(self.slots)
+        self.barrier.wait()  # nobody writes the next gather's slot before everyone has read this one
+        return every
+
+    def sum_disjoint(self, t):
+        every = self.gather_objects(t)
+        if self.rank() == 0:
+            self.shares.append(tuple(every))
+        return every[0] + every[1] + every[2]
+
+    def check_same(self, what, **values):
+        self.checks.append((self.rank(), what, values))
+
+    def run(self, monkeypatch, model, fn):
+        """fn(model) on every rank, each with its own deepcopy of the model; the ranks' results, in rank order."""
+        import copy
+        import threading
+
+        from hookvene import distributed
+        from hookvene.experiments import sweep
+
+        monkeypatch.setattr(sweep, "is_distributed", lambda: True)
+        monkeypatch.setattr(sweep, "rank", self.rank)
+        monkeypatch.setattr(sweep, "is_main", lambda: self.rank() == 0)
+        monkeypatch.setattr(sweep, "assign", lambda costs: distributed.assign(costs, world=self.world))
+        monkeypatch.setattr(sweep, "check_same", self.check_same)
+        monkeypatch.setattr(sweep, "gather_objects", self.gather_objects)
+        monkeypatch.setattr(sweep, "sum_disjoint", self.sum_disjoint)
+        results, errors = [None] * self.world, []
+
+        def rank_main(r, m):
+            self.local.rank = r
+            try:
+                results[r] = fn(m)
+            except BaseException as e:  # noqa: BLE001 (re-raised below, in the test's thread)
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=rank_main, args=(r, copy.deepcopy(model))) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+def disjoint_shares(shares):
+    """Each entry filled by exactly one rank: the ranks split the work instead of repeating it."""
+    nonzero = torch.stack([s != 0 for s in shares]).sum(0)
+    return bool((nonzero <= 1).all()) and all(bool((s != 0).any()) for s in shares)
+
+
+@pytest.mark.parametrize("kind", ["heads", "resid_pre"])
+def test_three_ranks_split_an_activation_patch_and_return_its_values(model, monkeypatch, kind):
+    clean = ids(31, batch=4, seq=6)
+    corrupted = clean.clone()
+    corrupted[:, 3] = ids(32, batch=4, seq=1)[:, 0]
+    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    alone = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=8).values
+    group = ThreeRanks()
+    ranks = group.run(monkeypatch, model,
+                      lambda m: activation_patch(m, clean, corrupted, metric, kind=kind, batch_size=8).values)
+    for values in ranks:
+        assert torch.equal(values, alone)  # the same arithmetic, split: bitwise equal
+    (shares,) = group.shares
+    assert disjoint_shares(shares)
+    n_cells = {"heads": 2 * 4, "resid_pre": 2 * (6 - 3)}[kind]  # positions before 3 are shared, not swept
+    passes = {"heads": 4, "resid_pre": 3}[kind]  # 8 rows a pass = 2 cells of 4 examples; resid_pre: 1 per offset
+    assert [c[2] for c in group.checks] == [dict(cells=n_cells, examples=4, positions=6, passes=passes)] * 3
+    assert {c[1] for c in group.checks} == {"a sweep"}
+
+
+@pytest.mark.parametrize("receivers", ["logits", [("blocks.1.attn.hook_q", 0), ("blocks.1.attn.hook_v", 1)]])
+def test_three_ranks_split_a_path_patch_and_return_its_values(model, monkeypatch, receivers):
+    """Path patching records the senders' patched runs at the receivers (`record_cells`, the ranks' recordings
+    summed) before running the receivers' cells."""
+    from hookvene.experiments.path_patching import path_patch
+
+    clean = ids(41, batch=4, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 2] = ids(42, batch=4, seq=1)[:, 0]
+    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    alone = path_patch(model, clean, corrupted, metric, receivers=receivers, batch_size=8).values
+    group = ThreeRanks()
+    ranks = group.run(monkeypatch, model,
+                      lambda m: path_patch(m, clean, corrupted, metric, receivers=receivers, batch_size=8).values)
+    for values in ranks:
+        assert torch.equal(values, alone)
+    assert all(disjoint_shares(s) for s in group.shares)
+    assert len(group.shares) == (1 if receivers == "logits" else 1 + 2)  # the recordings: one per receiver hook

@@ -417,6 +417,7 @@ def record_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tens
         known = {h: v for shapes in gather_objects({h: (t.shape, t.dtype) for h, t in out.items()})
                  for h, v in shapes.items()}
         device = next(model.parameters()).device
+        # every rank builds `known` from the same gathered list, so the all-reduces below come in the same order
         out = {h: sum_disjoint(out[h] if h in out else torch.zeros(shape, dtype=dtype, device=device))
-               for h, (shape, dtype) in sorted(known.items())}
+               for h, (shape, dtype) in known.items()}
     return out

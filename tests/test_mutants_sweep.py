@@ -54,8 +54,73 @@ def test_shared_prefix_counts_the_leading_positions_every_input_agrees_on():
     mask[1, 1] = 0
     assert shared_prefix({"input_ids": a, "attention_mask": mask}, {"input_ids": a}) == 1  # the masks differ at 1
     assert shared_prefix({"input_ids": a, "attention_mask": torch.ones_like(a)}, {"input_ids": a}) == 4  # all ones
-    assert shared_prefix({"input_ids": a, "position_ids": torch.arange(4).expand(2, 4)}, {"input_ids": a}) == 0
+    # a mask on one side only: the other counts as all ones
+    assert shared_prefix({"input_ids": a}, {"input_ids": a, "attention_mask": torch.ones_like(a)}) == 4
+    assert shared_prefix({"input_ids": a}, {"input_ids": a, "attention_mask": mask}) == 1
+    pos = torch.arange(4).expand(2, 4)
+    assert shared_prefix({"input_ids": a, "position_ids": pos}, {"input_ids": a, "position_ids": pos}) == 4
+    moved = pos.clone()
+    moved[1, 3] = 7
+    assert shared_prefix({"input_ids": a, "position_ids": pos}, {"input_ids": a, "position_ids": moved}) == 3
+    # position ids on one side only: not comparable, even when they are the ones a missing mask would stand for
+    assert shared_prefix({"input_ids": a, "position_ids": pos}, {"input_ids": a}) == 0
+    assert shared_prefix({"input_ids": a, "position_ids": torch.ones_like(a)}, {"input_ids": a}) == 0
+    # inputs it cannot reason about, on either side or both: nothing is shared
     assert shared_prefix({"input_ids": a, "token_type_ids": a}, {"input_ids": a, "token_type_ids": a}) == 0
+    assert shared_prefix({"input_ids": a, "token_type_ids": a}, {"input_ids": a}) == 0
+    assert shared_prefix({"input_ids": a}, {"input_ids": a, "token_type_ids": a}) == 0
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "heads", "mlp_out"])
+def test_a_sweep_that_shares_no_position_reads_the_last_one_right(model, kind):
+    """Corrupting position 0 leaves no shared prefix: the last block at the last position then starts its own key
+    and value cache instead of extending the clean run's."""
+    clean = ids(23, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 0] = ids(24, seq=1)[:, 0]
+    metric = logit_diff(ANSWER, WRONG)  # reads position -1: the last block runs there only
+    ref = cell_by_cell(model, kind, clean, corrupted, metric)
+    res = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=16)
+    assert (res.values - ref).abs().max().item() <= ATOL
+
+
+def test_record_cells_reads_each_cells_run_at_its_hooks_and_stops_after_their_block(model, capfd):
+    """record_cells (path patching's first pass) against hooks written by hand: head h of blocks.0.attn.hook_z
+    taken from the corrupted run, the clean run read at blocks.0.hook_attn_out; block 1 never runs, and nothing
+    is printed (no progress bar)."""
+    from hookvene.experiments.sweep import Cell, Patch, record, record_cells
+
+    z, read = "blocks.0.attn.hook_z", "blocks.0.hook_attn_out"
+    clean = ids(25, batch=4, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 2] = ids(26, batch=4, seq=1)[:, 0]
+    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    base = record(model, {"input_ids": clean}, metric, resume=True)
+    source = record(model, {"input_ids": corrupted}, metric, [z])
+    stored = {"corrupted": source.stored[z]}
+    heads = [2, 0, 3]
+    cells = [Cell((Patch(z, (None, h, None), store="corrupted"),)) for h in heads]
+    calls = []
+    handle = model.blocks[1].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        capfd.readouterr()
+        out = record_cells(model, cells, stored, [read], base.resume, 8)  # 8 rows: two cells a pass
+        assert capfd.readouterr().err == ""
+    finally:
+        handle.remove()
+    assert calls == []
+    assert list(out) == [read] and out[read].shape == (3, 4, 5, model.cfg.d_model)
+    for c, h in enumerate(heads):
+        def swap(x, hook, h=h):
+            x[:, :, h] = source.stored[z][:, :, h]
+            return x
+        with model.hooks([(z, swap)]):
+            _, cache = model.run_with_cache(clean, names_filter=[read])
+        assert (out[read][c] - cache[read]).abs().max().item() <= ATOL
+
+    two = [Cell(cells[0].patches, 0), Cell(cells[1].patches, 2)]
+    with pytest.raises(ValueError, match=r"record_cells needs one offset for all cells, got \[0, 2\]"):
+        record_cells(model, two, stored, [read], base.resume, 8)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +181,8 @@ class ThreeRanks:
 
     def sum_disjoint(self, t):
         every = self.gather_objects(t)
+        # an all-reduce needs the same shape, dtype and device on every rank (it fails or hangs otherwise)
+        assert len({(x.shape, x.dtype, x.device) for x in every}) == 1, [(x.shape, x.dtype) for x in every]
         if self.rank() == 0:
             self.shares.append(tuple(every))
         return every[0] + every[1] + every[2]
@@ -202,3 +269,25 @@ def test_three_ranks_split_a_path_patch_and_return_its_values(model, monkeypatch
         assert torch.equal(values, alone)
     assert all(disjoint_shares(s) for s in group.shares)
     assert len(group.shares) == (1 if receivers == "logits" else 1 + 2)  # the recordings: one per receiver hook
+
+
+def test_ranks_without_a_pass_still_join_the_recordings_sum(model, monkeypatch):
+    """Two senders, 8 rows a pass: path patching's recording is one pass, so two of the three ranks run nothing
+    and must contribute zeros of the recording's shape and dtype (float64 here) to the all-reduce."""
+    from hookvene.experiments.path_patching import path_patch
+
+    model = make_model().to(torch.float64)
+    clean = ids(43, batch=4, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 2] = ids(44, batch=4, seq=1)[:, 0]
+    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    receivers, senders = [("blocks.1.attn.hook_k", 2)], [(0, 1), (0, 3)]
+    alone = path_patch(model, clean, corrupted, metric, receivers=receivers, senders=senders, batch_size=8).values
+    group = ThreeRanks()
+    ranks = group.run(monkeypatch, model, lambda m: path_patch(m, clean, corrupted, metric, receivers=receivers,
+                                                              senders=senders, batch_size=8).values)
+    for values in ranks:  # (heads that are not senders are NaN)
+        torch.testing.assert_close(values, alone, rtol=0, atol=0, equal_nan=True)
+    recording = group.shares[0]
+    assert [bool((s != 0).any()) for s in recording].count(True) == 1  # one rank ran the one pass
+    assert {s.dtype for s in recording} == {torch.float64}

@@ -392,7 +392,7 @@ def run_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor]
 
 
 def record_cells(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], hooks: Sequence[str],
-                 resume: Resume, batch_size: int = 64) -> dict[str, Tensor]:
+                 resume: Resume, batch_size: int) -> dict[str, Tensor]:
     """Each cell's patched run read at `hooks` instead of a metric: {hook: (cells, examples, pos - offset, ...)}.
     The runs stop after the last block holding one of the hooks. Every cell must have the same offset."""
     offsets = {c.offset for c in cells}

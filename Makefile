@@ -1,6 +1,7 @@
 # Two targets a newcomer needs: `make ioi` (the main job, offline) and `make test`. Both install into .venv first.
 VENV := .venv
 PY := $(VENV)/bin/python
+JOBS ?= 1
 
 $(VENV)/.installed: pyproject.toml
 	@echo "First run: creating $(VENV) and installing torch 2.13.0 (CPU build, about 750 MB installed), then hookvene with"
@@ -33,7 +34,7 @@ lint: install
 	$(VENV)/bin/ruff check hookvene tests examples benchmarks scripts
 
 mutants: install   # mutation testing of the core modules (mutmut, one copy of the tree per group under /tmp; long, not in CI) -> mutation/REPORT.md
-	$(PY) mutation/run_mutants.py $(GROUPS)   # e.g. make mutants GROUPS="loading interventions"
+	$(PY) mutation/run_mutants.py --jobs $(JOBS) $(GROUPS)   # e.g. make mutants GROUPS="loading interventions" JOBS=2
 
 bench: install
 	$(PY) benchmarks/bench_forward.py

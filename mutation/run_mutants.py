@@ -3,7 +3,7 @@
 Each group (a few modules and the fast tests that exercise them) runs in its own copy of the working tree
 (`--workdir`, default /tmp/hookvene-mutants/<group>): mutmut never edits the files it mutates in place (it writes
 mutated copies under `<copy>/mutants/`), and the copy keeps other people's test runs on this tree undisturbed.
-One mutant at a time (`--max-children 1`), torch on one thread.
+One mutant at a time (`--jobs N`: N at once, mutmut's `--max-children`), torch on one thread each.
 
     python mutation/run_mutants.py                      # every group, then the report
     python mutation/run_mutants.py loading interventions
@@ -11,6 +11,7 @@ One mutant at a time (`--max-children 1`), torch on one thread.
                                                         # copy, or a fresh one and the survivors kept in results.json)
     python mutation/run_mutants.py --resume loading     # continue an interrupted run (results are kept per mutant)
     python mutation/run_mutants.py --rev HEAD plan      # mutate the last commit, not the working tree
+    python mutation/run_mutants.py --jobs 2 sweep       # two mutants at a time (one per CPU core)
     python mutation/run_mutants.py --report-only        # fold the copies' results into results.json, rebuild REPORT.md
 
 What mutmut 3 mutates: the bodies of top-level functions and methods (numbers, strings, operators, comparisons,
@@ -217,7 +218,8 @@ def diffs(work: Path, names: list[str]) -> dict[str, str]:
     return json.loads(r.stdout)
 
 
-def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev: str | None = None) -> None:
+def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev: str | None = None,
+              jobs: int = 1) -> None:
     files, tests, globs = GROUPS[group]
     work = workdir / group
     log = workdir / f"{group}.log"
@@ -234,7 +236,7 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
         (workdir / f"{group}.rerun").write_text("\n".join(survivors))
         (workdir / f"{group}.revision").write_text(revision(rev))
         print(f"[{group}] rerunning {len(survivors)} kept survivors in a fresh copy (log: {log})")
-        mutmut(work, "run", "--max-children", "1", *survivors, log=log)
+        mutmut(work, "run", "--max-children", str(jobs), *survivors, log=log)
         (workdir / f"{group}.results.json").write_text(json.dumps(results(workdir, group), indent=1))
     elif rerun and (work / "mutants").exists():
         survivors = sorted(n for n, s in results(workdir, group).items() if s not in DETECTED)
@@ -253,11 +255,11 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
             print(f"[{group}] no survivors to rerun")
             return
         print(f"[{group}] rerunning {len(survivors)} survivors (log: {log})")
-        mutmut(work, "run", "--max-children", "1", *survivors, log=log)
+        mutmut(work, "run", "--max-children", str(jobs), *survivors, log=log)
         save_results(workdir, group, first=False)
     elif resume and (work / "mutants").exists():
         print(f"[{group}] continuing the unfinished run in {work} (log: {log})")
-        mutmut(work, "run", "--max-children", "1", *(globs or []), log=log)
+        mutmut(work, "run", "--max-children", str(jobs), *(globs or []), log=log)
         save_results(workdir, group, first=True)
     else:
         copy_tree(work, rev)
@@ -267,7 +269,7 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
         print(f"[{group}] mutating {', '.join(files)}; tests {', '.join(tests)} (copy: {work}, log: {log})")
         for f in (workdir / f"{group}.results.json", workdir / f"{group}.before.json"):
             f.unlink(missing_ok=True)
-        mutmut(work, "run", "--max-children", "1", *(globs or []), log=log)
+        mutmut(work, "run", "--max-children", str(jobs), *(globs or []), log=log)
         save_results(workdir, group, first=True)
     print(f"[{group}] done in {time.time() - start:.0f} s")
 
@@ -379,13 +381,16 @@ def main() -> None:
     ap.add_argument("--results", default=STORE, type=Path,
                     help="the kept results, one entry per module (updated from --workdir, then rendered)")
     ap.add_argument("--rev", help="mutate this git revision (e.g. HEAD) instead of the working tree")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
     unknown = set(args.groups) - set(GROUPS)
     if unknown:
         ap.error(f"unknown groups {sorted(unknown)}; groups: {', '.join(GROUPS)}")
     if not args.report_only:
         for group in args.groups or GROUPS:
-            run_group(group, args.workdir, args.rerun, args.resume, args.rev)
+            run_group(group, args.workdir, args.rerun, args.resume, args.rev, args.jobs)
     collect(args.workdir, args.results)
     report(args.results, args.report)
 

@@ -123,6 +123,25 @@ def test_record_cells_reads_each_cells_run_at_its_hooks_and_stops_after_their_bl
         record_cells(model, two, stored, [read], base.resume, 8)
 
 
+def test_resuming_after_position_0_needs_the_runs_keys_and_values():
+    from hookvene.experiments.sweep import Resume
+
+    resume = Resume({0: torch.zeros(2, 5, 8)})
+    assert resume.prefix(0) is None  # nothing before position 0
+    with pytest.raises(ValueError, match=r"^resuming after position 0 needs the unpatched run's keys and values "
+                                         r"\(Resume\.kv\)$"):
+        resume.prefix(2)
+
+
+def test_a_patch_outside_every_block_is_refused_by_name():
+    from hookvene.experiments.sweep import start_layer
+
+    assert start_layer(["blocks.3.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.12.hook_resid_pre"]) == 1
+    with pytest.raises(ValueError, match=r"^sweep cells resume at a block, so every patch must be inside one; got "
+                                         r"\['hook_embed', 'ln_final\.hook_normalized'\]$"):
+        start_layer(["blocks.0.attn.hook_z", "hook_embed", "ln_final.hook_normalized"])
+
+
 @pytest.fixture(scope="module")
 def llama():
     import hookvene as pv

@@ -235,6 +235,11 @@ def test_unknown_words_warn(model):
     ids = model.tokenizer("Then, Mary and Zorblax went to the store.", return_tensors="pt")["input_ids"]
     with pytest.warns(UserWarning, match=r"the clean input contains '<unk>'"):
         activation_patch(model, ids, ids, metrics.prob(0), kind="attn_layer")
+    known = ids.masked_fill(ids == model.tokenizer.unk_token_id, ids[0, 1].item())
+    with pytest.warns(UserWarning) as caught:
+        activation_patch(model, known, ids, metrics.prob(0), kind="attn_layer")
+    said = [str(w.message) for w in caught if "'<unk>'" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("the corrupted input contains '<unk>'")
 
 
 def test_to_tokens_warns_on_unknown_words(model):

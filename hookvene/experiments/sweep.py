@@ -210,10 +210,9 @@ class Entry:
     cell_of_row: Tensor  # (rows,)
 
 
-def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: RowHooks | None = None,
-                      prefix: KVCache | None = None, attention_mask: Tensor | None = None,
-                      last_position_only: bool = False,
-                      stop_at_layer: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: RowHooks, prefix: KVCache | None,
+                      attention_mask: Tensor | None, last_position_only: bool,
+                      stop_at_layer: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """Run rows that resume at different blocks as one growing batch, one block at a time.
 
     At block l the batch holds every row that entered at or before l, so cells that resume late share the
@@ -221,7 +220,7 @@ def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: Row
     as running them apart, at far better throughput on small batches). `row_hooks(example_of_row, cell_of_row)`
     gives the hooks for the current batch. `prefix` holds, per example, the keys and values of the positions
     before the rows' first one, for runs that recompute only a suffix of the prompt; `attention_mask` is per
-    example and covers those too. Returns the residual stream entering block `stop_at_layer` (default: leaving
+    example and covers those too. Returns the residual stream entering block `stop_at_layer` (None: leaving
     the last block), (rows, pos, d_model), with each row's example and cell index, rows in order of entry.
 
     `last_position_only`: only the final position's output will be read, so the last block computes keys and
@@ -233,14 +232,14 @@ def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: Row
     x, ex, cell = entries[0].state, entries[0].example_of_row, entries[0].cell_of_row
     joining = iter(entries[1:])
     nxt = next(joining, None)
-    hooks: list[Attachment] = []
-    stale = row_hooks is not None  # the hooks index rows: (re)build them only when the batch has changed
+    hooks: list[Attachment]  # the hooks index rows: (re)built, at the first block and whenever the batch changed
+    stale = True
     for layer in range(entries[0].layer, end + 1):
         while nxt is not None and nxt.layer == layer:
             state = nxt.state[:, -x.shape[1]:]  # rows joining after the last block: x may be cut to one position
             x, ex = torch.cat([x, state]), torch.cat([ex, nxt.example_of_row])
             cell = torch.cat([cell, nxt.cell_of_row])
-            nxt, stale = next(joining, None), row_hooks is not None
+            nxt, stale = next(joining, None), True
         if layer == end:
             break
         if stale:

@@ -4,6 +4,8 @@ Also the multi-process branch, with three threads standing in for three ranks. W
 hookvene/experiments/sweep.py that survived the rest of the suite in a first, partial mutation run (see the
 README's mutation-testing section)."""
 
+import re
+
 import pytest
 import torch
 
@@ -123,6 +125,47 @@ def test_record_cells_reads_each_cells_run_at_its_hooks_and_stops_after_their_bl
         record_cells(model, two, stored, [read], base.resume, 8)
 
 
+def test_a_progress_bar_counts_passes_only_when_asked(model, capfd):
+    """The bar counts a sweep's forward passes ("chunks"), labelled with what the caller names (activation_patch:
+    "patch <kind>"; run_cells alone: "sweep"); there is none unless asked for."""
+    from hookvene.experiments.sweep import Cell, Patch, record, run_cells
+
+    clean = ids(35, batch=4, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 2] = ids(36, batch=4, seq=1)[:, 0]
+    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    capfd.readouterr()
+    activation_patch(model, clean, corrupted, metric, kind="heads", batch_size=8)
+    assert capfd.readouterr().err == ""
+    activation_patch(model, clean, corrupted, metric, kind="heads", batch_size=8, progress=True)
+    assert re.search(r"patch heads: 100%\|.*\| 4/4 \[.*(chunk/s|s/chunk)\]", capfd.readouterr().err)
+
+    z = "blocks.1.attn.hook_z"
+    base = record(model, {"input_ids": clean}, metric, resume=True)
+    stored = {"corrupted": record(model, {"input_ids": corrupted}, metric, [z]).stored[z]}
+    cells = [Cell((Patch(z, (None, h, None), store="corrupted"),), 2) for h in range(3)]
+    run_cells(model, cells, stored, metric, base.resume, batch_size=4, progress=True)
+    assert re.search(r"sweep: 100%\|.*\| 3/3 \[.*(chunk/s|s/chunk)\]", capfd.readouterr().err)
+
+
+def test_the_last_block_runs_at_the_last_position_only(model):
+    """A metric that reads the last position: in the patched runs the last block's MLP sees that one position,
+    unless the cell patches a head of that block (which then runs whole, on the 4 positions from the corrupted
+    one on). The unpatched runs, recorded first, see all six."""
+    clean = ids(37, batch=4, seq=6)
+    corrupted = clean.clone()
+    corrupted[:, 2] = ids(38, batch=4, seq=1)[:, 0]
+    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    seen = []
+    handle = model.blocks[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        activation_patch(model, clean, corrupted, metric, kind="heads", batch_size=8)
+    finally:
+        handle.remove()
+    # 8 rows a pass: two passes of layer-0 heads, then two of layer-1 heads
+    assert seen == [6, 6, 1, 1, 4, 4]
+
+
 def test_resuming_after_position_0_needs_the_runs_keys_and_values():
     from hookvene.experiments.sweep import Resume
 
@@ -187,6 +230,7 @@ class ThreeRanks:
         self.local = threading.local()
         self.shares = []  # every sum_disjoint's per-rank tensors, as (rank 0's, rank 1's, rank 2's)
         self.checks = []  # check_same's keyword arguments, per call and rank
+        self.costs = []  # the pass costs each rank hands to `assign`
 
     def rank(self):
         return self.local.rank
@@ -220,7 +264,11 @@ class ThreeRanks:
         monkeypatch.setattr(sweep, "is_distributed", lambda: True)
         monkeypatch.setattr(sweep, "rank", self.rank)
         monkeypatch.setattr(sweep, "is_main", lambda: self.rank() == 0)
-        monkeypatch.setattr(sweep, "assign", lambda costs: distributed.assign(costs, world=self.world))
+        def assign(costs):
+            self.costs.append(list(costs))
+            return distributed.assign(costs, world=self.world)
+
+        monkeypatch.setattr(sweep, "assign", assign)
         monkeypatch.setattr(sweep, "check_same", self.check_same)
         monkeypatch.setattr(sweep, "gather_objects", self.gather_objects)
         monkeypatch.setattr(sweep, "sum_disjoint", self.sum_disjoint)
@@ -250,24 +298,48 @@ def disjoint_shares(shares):
     return bool((nonzero <= 1).all()) and all(bool((s != 0).any()) for s in shares)
 
 
-@pytest.mark.parametrize("kind", ["heads", "resid_pre"])
-def test_three_ranks_split_an_activation_patch_and_return_its_values(model, monkeypatch, kind):
+# A pass costs (blocks it runs) x (positions it recomputes) per cell. 2 blocks, 6 positions, position 3 corrupted
+# (0-2 are shared). heads: 8 cells, all recomputing 3 positions; a layer-0 cell runs 2 blocks, a layer-1 cell 1.
+# resid_pre: a cell per layer and position p >= 3, recomputing positions p.. (its offset); one pass per offset.
+THREE_RANK_SWEEPS = [
+    ("heads", 8, 8, [2 * 2 * 3] * 2 + [2 * 1 * 3] * 2),  # 8 rows a pass: 2 cells of 4 examples
+    ("heads", 2, 8, [2 * 3] * 4 + [1 * 3] * 4),  # fewer rows than examples: still one cell a pass
+    ("resid_pre", 8, 6, [(2 + 1) * 3, (2 + 1) * 2, (2 + 1) * 1]),
+]
+
+
+@pytest.mark.parametrize("kind, batch_size, n_cells, costs", THREE_RANK_SWEEPS)
+def test_three_ranks_split_an_activation_patch_and_return_its_values(model, monkeypatch, kind, batch_size, n_cells,
+                                                                     costs):
     clean = ids(31, batch=4, seq=6)
     corrupted = clean.clone()
     corrupted[:, 3] = ids(32, batch=4, seq=1)[:, 0]
     metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
-    alone = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=8).values
+    alone = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=batch_size).values
     group = ThreeRanks()
     ranks = group.run(monkeypatch, model,
-                      lambda m: activation_patch(m, clean, corrupted, metric, kind=kind, batch_size=8).values)
+                      lambda m: activation_patch(m, clean, corrupted, metric, kind=kind, batch_size=batch_size).values)
     for values in ranks:
         assert torch.equal(values, alone)  # the same arithmetic, split: bitwise equal
     (shares,) = group.shares
     assert disjoint_shares(shares)
-    n_cells = {"heads": 2 * 4, "resid_pre": 2 * (6 - 3)}[kind]  # positions before 3 are shared, not swept
-    passes = {"heads": 4, "resid_pre": 3}[kind]  # 8 rows a pass = 2 cells of 4 examples; resid_pre: 1 per offset
-    assert [c[2] for c in group.checks] == [dict(cells=n_cells, examples=4, positions=6, passes=passes)] * 3
+    assert group.costs == [costs] * 3
+    assert [c[2] for c in group.checks] == [dict(cells=n_cells, examples=4, positions=6, passes=len(costs))] * 3
     assert {c[1] for c in group.checks} == {"a sweep"}
+
+
+def test_only_the_main_rank_shows_the_progress_bar(model, monkeypatch, capfd):
+    clean = ids(33, batch=4, seq=6)
+    corrupted = clean.clone()
+    corrupted[:, 3] = ids(34, batch=4, seq=1)[:, 0]
+    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    capfd.readouterr()
+    ThreeRanks().run(monkeypatch, model, lambda m: activation_patch(m, clean, corrupted, metric, kind="heads",
+                                                                    batch_size=8, progress=True))
+    assert len(re.findall(r"patch heads:\s+0%\|", capfd.readouterr().err)) == 1
+    ThreeRanks().run(monkeypatch, model, lambda m: activation_patch(m, clean, corrupted, metric, kind="heads",
+                                                                    batch_size=8))
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("receivers", ["logits", [("blocks.1.attn.hook_q", 0), ("blocks.1.attn.hook_v", 1)]])

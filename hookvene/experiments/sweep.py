@@ -234,14 +234,11 @@ def staggered_forward(model: nn.Module, entries: Sequence[Entry], row_hooks: Row
     nxt = next(joining, None)
     hooks: list[Attachment]  # the hooks index rows: (re)built, at the first block and whenever the batch changed
     stale = True
-    for layer in range(entries[0].layer, end + 1):
+    for layer in range(entries[0].layer, end):  # (every entry's block is before `end`: it holds a patch or a hook)
         while nxt is not None and nxt.layer == layer:
-            state = nxt.state[:, -x.shape[1]:]  # rows joining after the last block: x may be cut to one position
-            x, ex = torch.cat([x, state]), torch.cat([ex, nxt.example_of_row])
+            x, ex = torch.cat([x, nxt.state]), torch.cat([ex, nxt.example_of_row])
             cell = torch.cat([cell, nxt.cell_of_row])
             nxt, stale = next(joining, None), True
-        if layer == end:
-            break
         if stale:
             hooks, stale = row_hooks(ex, cell), False
         cache = None
@@ -328,8 +325,9 @@ def _chunks(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], 
         check_same("a sweep", cells=len(cells), examples=n_ex, positions=n_pos, passes=len(plan))
         costs = [sum(end - starts[c] for c in chunk) * (n_pos - offset) for offset, chunk, _, _, _, starts in plan]
         plan = [p for p, owner in zip(plan, assign(costs)) if owner == rank()]
-    progress = progress and is_main()
-    bar = tqdm(plan, desc=progress if isinstance(progress, str) else "sweep", disable=not progress, unit="chunk")
+    # (the label survives: `progress and is_main()` would turn "patch heads" into True)
+    bar = tqdm(plan, desc=progress if isinstance(progress, str) else "sweep", disable=not (progress and is_main()),
+               unit="chunk")
     for offset, chunk, entry, inside, cut, starts in bar:
         def hooks(ex: Tensor, cell: Tensor, inside: dict = inside, cut: dict = cut) -> list[Attachment]:
             rows = patch_rows(inside, cell, ex, cut)

@@ -166,6 +166,86 @@ def test_the_last_block_runs_at_the_last_position_only(model):
     assert seen == [6, 6, 1, 1, 4, 4]
 
 
+def test_no_cells_give_no_values_and_identical_inputs_the_baseline(model):
+    from hookvene.experiments.sweep import Resume, run_cells
+
+    metric = logit_diff(ANSWER, WRONG)
+    nothing = run_cells(model, [], {}, metric, Resume({0: torch.zeros(3, 5, model.cfg.d_model)}), batch_size=8)
+    assert nothing.shape == (0,)
+    clean = ids(51, batch=3, seq=5)
+    res = activation_patch(model, clean, clean, metric, kind="resid_pre")
+    assert res.clean == res.corrupted
+    assert (res.values - res.corrupted).abs().max().item() <= ATOL
+
+
+def heads_by_hand(model, clean, corrupted, metric):
+    """activation_patch(kind="heads") written out: each head's z from the clean run patched into the corrupted
+    run, the metric averaged over examples in float64."""
+    n_layers, n_heads, n = model.cfg.n_layers, model.cfg.n_heads, clean.shape[0]
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: name.endswith("attn.hook_z"))
+    grid = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    for layer in range(n_layers):
+        for h in range(n_heads):
+            def patch(z, hook, h=h):
+                z[:, :, h] = cache[hook.name][:, :, h]
+                return z
+            with torch.no_grad(), model.hooks([(f"blocks.{layer}.attn.hook_z", patch)]):
+                logits = model(corrupted).logits
+            grid[layer, h] = metric(logits, torch.arange(n)).double().mean()
+    return grid
+
+
+def test_a_float64_model_is_swept_in_float64():
+    model = make_model().to(torch.float64)
+    clean = ids(52, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 2] = ids(53, seq=1)[:, 0]
+    metric = logit_diff(ANSWER, WRONG)
+    res = activation_patch(model, clean, corrupted, metric, kind="heads", batch_size=8)
+    assert res.values.dtype == torch.float64
+    # float32 anywhere on the way (a cell's mean, say) would leave errors of about 1e-7
+    assert (res.values - heads_by_hand(model, clean, corrupted, metric)).abs().max().item() < 1e-12
+
+
+def test_a_float32_sweep_stays_float32_whatever_the_metric_returns(model):
+    from hookvene.experiments.sweep import Cell, Patch, record, run_cells
+
+    clean = ids(54, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 2] = ids(55, seq=1)[:, 0]
+    metric = logit_diff(ANSWER, WRONG)
+
+    def in_float64(logits, ex):  # a plain per-row metric that computes in float64
+        return metric(logits, ex).double()
+
+    z = "blocks.1.attn.hook_z"
+    base = record(model, {"input_ids": corrupted}, metric, resume=True)
+    stored = {"clean": record(model, {"input_ids": clean}, metric, [z]).stored[z]}
+    cells = [Cell((Patch(z, (None, h, None), store="clean"),), 2) for h in range(4)]
+    plain = run_cells(model, cells, stored, metric, base.resume, batch_size=8)
+    double = run_cells(model, cells, stored, in_float64, base.resume, batch_size=8)
+    assert plain.dtype == double.dtype == torch.float32
+    assert (plain - double).abs().max().item() <= ATOL
+    assert (plain - heads_by_hand(model, clean, corrupted, metric)[1]).abs().max().item() <= ATOL
+
+
+def test_a_batch_metric_that_takes_the_example_index_gets_each_cells_rows(model):
+    """metric(logits, example_idx) returning one number for the batch: called once per cell, with that cell's
+    rows and their example indices, in example order."""
+    clean = ids(56, seq=5)
+    corrupted = clean.clone()
+    corrupted[:, 2] = ids(57, seq=1)[:, 0]
+    per_row = logit_diff(ANSWER, WRONG)
+
+    def batch_mean(logits, ex):
+        rows = torch.arange(len(ex))
+        return (logits[rows, -1, ANSWER[ex]] - logits[rows, -1, WRONG[ex]]).mean()
+
+    a = activation_patch(model, clean, corrupted, batch_mean, kind="heads", batch_size=8).values
+    b = activation_patch(model, clean, corrupted, per_row, kind="heads", batch_size=8).values
+    assert (a - b).abs().max().item() <= ATOL
+
+
 def test_resuming_after_position_0_needs_the_runs_keys_and_values():
     from hookvene.experiments.sweep import Resume
 

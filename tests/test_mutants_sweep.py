@@ -125,6 +125,7 @@ def test_record_cells_reads_each_cells_run_at_its_hooks_and_stops_after_their_bl
         record_cells(model, two, stored, [read], base.resume, 8)
 
 
+@pytest.mark.usefixtures("no_tqdm_monitor")
 def test_a_progress_bar_counts_passes_only_when_asked(model, capfd):
     """The bar counts a sweep's forward passes ("chunks"), labelled with what the caller names (activation_patch:
     "patch <kind>"; run_cells alone: "sweep"); there is none unless asked for."""
@@ -305,7 +306,8 @@ class ThreeRanks:
     def __init__(self):
         import threading
 
-        self.barrier = threading.Barrier(self.world)
+        # a rank that skips a collective (a bug) would leave the others waiting forever: fail after a minute
+        self.barrier = threading.Barrier(self.world, timeout=60)
         self.slots = [None] * self.world
         self.local = threading.local()
         self.shares = []  # every sum_disjoint's per-rank tensors, as (rank 0's, rank 1's, rank 2's)
@@ -408,6 +410,17 @@ def test_three_ranks_split_an_activation_patch_and_return_its_values(model, monk
     assert {c[1] for c in group.checks} == {"a sweep"}
 
 
+@pytest.fixture
+def no_tqdm_monitor(monkeypatch):
+    """tqdm starts a monitor thread with its first visible bar, which lives on and takes tqdm's lock every 10 s: a
+    process forked while it holds the lock (mutmut forks one per mutant) hangs at its first bar. Not for bars
+    that only a test looks at need none."""
+    import tqdm
+
+    monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0)
+
+
+@pytest.mark.usefixtures("no_tqdm_monitor")
 def test_only_the_main_rank_shows_the_progress_bar(model, monkeypatch, capfd):
     clean = ids(33, batch=4, seq=6)
     corrupted = clean.clone()

@@ -247,6 +247,62 @@ def test_a_batch_metric_that_takes_the_example_index_gets_each_cells_rows(model)
     assert (a - b).abs().max().item() <= ATOL
 
 
+@pytest.mark.parametrize("attrs", [{}, {"has_lm_head": True}, {"can_resume": True}, {"can_resume": True,
+                                                                                     "has_lm_head": False}])
+def test_only_models_that_resume_and_have_an_lm_head_are_swept(attrs):
+    """A model without either capability (or without the attribute at all: not a hookvene model) is refused by
+    name before anything runs."""
+    from hookvene.experiments.sweep import check_model
+
+    class Foreign(torch.nn.Module):
+        pass
+
+    m = Foreign()
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    with pytest.raises(ValueError, match=r"^activation_patch works on hookvene's decoder-only language models "
+                                         r"\(GPT-2, GPT-Neo, with their LM head\); got Foreign\. For other models"):
+        check_model(m, "activation_patch")
+    check_model(make_model(), "activation_patch")  # a hookvene GPT-2 passes
+
+
+def test_sweep_inputs_warn_of_unknown_words_under_the_name_given():
+    import warnings
+    from types import SimpleNamespace
+
+    from hookvene.experiments.sweep import sweep_inputs
+
+    tok = SimpleNamespace(unk_token_id=3, unk_token="<unk>", bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model = SimpleNamespace(tokenizer=tok)
+    with pytest.warns(UserWarning, match=r"^the input contains '<unk>' \(id 3\)"):
+        assert torch.equal(sweep_inputs(model, torch.tensor([[0, 3, 5]]))["input_ids"], torch.tensor([[0, 3, 5]]))
+    with pytest.warns(UserWarning, match=r"^the prompt contains '<unk>'"):
+        sweep_inputs(model, torch.tensor([[0, 3, 5]]), "the prompt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sweep_inputs(model, torch.tensor([[0, 4, 5]]))  # no unknown word
+        sweep_inputs(SimpleNamespace(tokenizer=None), torch.tensor([[0, 3, 5]]))  # no tokenizer to ask
+
+
+def test_record_reads_the_metric_of_the_examples_it_is_given(model):
+    """`examples`: the metric's example index of each row (one rank's share of a batch); without `resume` the
+    run keeps no states."""
+    from hookvene.experiments.sweep import record
+
+    clean = ids(58, batch=4, seq=5)
+    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    with torch.no_grad():
+        logits = model(clean).logits
+    by_hand = metric(logits, torch.arange(4))
+    share = torch.tensor([3, 1])
+    run = record(model, {"input_ids": clean[share]}, metric, ["blocks.0.hook_resid_post"], examples=share)
+    assert run.metric == pytest.approx(float(by_hand[share].mean()), abs=ATOL)
+    assert run.resume is None and list(run.stored) == ["blocks.0.hook_resid_post"]
+    whole = record(model, {"input_ids": clean}, metric)
+    assert whole.metric == pytest.approx(float(by_hand.mean()), abs=ATOL)
+    assert whole.resume is None and whole.stored == {}
+
+
 def test_resuming_after_position_0_needs_the_runs_keys_and_values():
     from hookvene.experiments.sweep import Resume
 

@@ -285,7 +285,6 @@ class Chunk:
     x: Tensor  # the residual stream the pass returned
     example_of_row: Tensor
     cell_of_row: Tensor  # indices into the sweep's cells
-    offset: int
 
 
 def _chunks(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], resume: Resume, batch_size: int,
@@ -342,7 +341,7 @@ def _chunks(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], 
             entries.append(Entry(s, state, ex, cell))
         x, ex, cell = staggered_forward(model, entries, hooks, resume.prefix(offset), resume.attention_mask,
                                         last_position_only, stop_at_layer)
-        yield Chunk(chunk, x, ex, cell, offset)
+        yield Chunk(chunk, x, ex, cell)
 
 
 def _shift(p: Patch, offset: int) -> Patch:

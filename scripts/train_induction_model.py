@@ -1,6 +1,6 @@
 """Train ``hookvene/zoo/induction-gpt2``: a 2-layer GPT-2 in which the textbook induction circuit forms.
 
-Usage (from the repository root; 195 s on one thread of the shared 2-core development machine when idle, up to
+Usage (from the repository root; 173 s on one thread of the shared 2-core development machine when idle, up to
 four minutes with other jobs running)::
 
     python scripts/train_induction_model.py [--out hookvene/zoo/induction-gpt2]

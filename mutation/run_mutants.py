@@ -224,6 +224,10 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
     work = workdir / group
     log = workdir / f"{group}.log"
     start = time.time()
+
+    def run(*names: str) -> None:  # mutmut on the named mutants (or name globs); on all of them when none are named
+        mutmut(work, "run", "--max-children", str(jobs), *names, log=log)
+
     if rerun and not (work / "mutants").exists():  # no copy left (a new machine): the kept survivors, fresh copy
         kept = json.loads(STORE.read_text()) if STORE.exists() else {}
         survivors = sorted(n for f in files for n in kept.get(f, {}).get("survivors", {}))
@@ -236,7 +240,7 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
         (workdir / f"{group}.rerun").write_text("\n".join(survivors))
         (workdir / f"{group}.revision").write_text(revision(rev))
         print(f"[{group}] rerunning {len(survivors)} kept survivors in a fresh copy (log: {log})")
-        mutmut(work, "run", "--max-children", str(jobs), *survivors, log=log)
+        run(*survivors)
         (workdir / f"{group}.results.json").write_text(json.dumps(results(workdir, group), indent=1))
     elif rerun and (work / "mutants").exists():
         survivors = sorted(n for n, s in results(workdir, group).items() if s not in DETECTED)
@@ -255,11 +259,11 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
             print(f"[{group}] no survivors to rerun")
             return
         print(f"[{group}] rerunning {len(survivors)} survivors (log: {log})")
-        mutmut(work, "run", "--max-children", str(jobs), *survivors, log=log)
+        run(*survivors)
         save_results(workdir, group, first=False)
     elif resume and (work / "mutants").exists():
         print(f"[{group}] continuing the unfinished run in {work} (log: {log})")
-        mutmut(work, "run", "--max-children", str(jobs), *(globs or []), log=log)
+        run(*(globs or []))
         save_results(workdir, group, first=True)
     else:
         copy_tree(work, rev)
@@ -269,7 +273,7 @@ def run_group(group: str, workdir: Path, rerun: bool, resume: bool = False, rev:
         print(f"[{group}] mutating {', '.join(files)}; tests {', '.join(tests)} (copy: {work}, log: {log})")
         for f in (workdir / f"{group}.results.json", workdir / f"{group}.before.json"):
             f.unlink(missing_ok=True)
-        mutmut(work, "run", "--max-children", str(jobs), *(globs or []), log=log)
+        run(*(globs or []))
         save_results(workdir, group, first=True)
     print(f"[{group}] done in {time.time() - start:.0f} s")
 

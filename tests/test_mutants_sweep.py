@@ -17,6 +17,16 @@ from tests.test_experiments import ANSWER, ATOL, WRONG, cell_by_cell, ids, make_
 # random tiny models: the clean-corrupted gap is small, and only the raw values are compared here
 pytestmark = pytest.mark.filterwarnings("ignore::hookvene.experiments.results.UnreliableGapWarning")
 
+METRIC_4 = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))  # for batches of 4
+
+
+def pair(seed, at, **shape):
+    """Clean ids (`ids(seed, **shape)`) and the corrupted copy: position `at` redrawn with seed + 1."""
+    clean = ids(seed, **shape)
+    corrupted = clean.clone()
+    corrupted[:, at] = ids(seed + 1, **{**shape, "seq": 1})[:, 0]
+    return clean, corrupted
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -77,9 +87,7 @@ def test_shared_prefix_counts_the_leading_positions_every_input_agrees_on():
 def test_a_sweep_that_shares_no_position_reads_the_last_one_right(model, kind):
     """Corrupting position 0 leaves no shared prefix: the last block at the last position then starts its own key
     and value cache instead of extending the clean run's."""
-    clean = ids(23, seq=5)
-    corrupted = clean.clone()
-    corrupted[:, 0] = ids(24, seq=1)[:, 0]
+    clean, corrupted = pair(23, at=0, seq=5)
     metric = logit_diff(ANSWER, WRONG)  # reads position -1: the last block runs there only
     ref = cell_by_cell(model, kind, clean, corrupted, metric)
     res = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=16)
@@ -93,10 +101,8 @@ def test_record_cells_reads_each_cells_run_at_its_hooks_and_stops_after_their_bl
     from hookvene.experiments.sweep import Cell, Patch, record, record_cells
 
     z, read = "blocks.0.attn.hook_z", "blocks.0.hook_attn_out"
-    clean = ids(25, batch=4, seq=5)
-    corrupted = clean.clone()
-    corrupted[:, 2] = ids(26, batch=4, seq=1)[:, 0]
-    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    clean, corrupted = pair(25, at=2, batch=4, seq=5)
+    metric = METRIC_4
     base = record(model, {"input_ids": clean}, metric, resume=True)
     source = record(model, {"input_ids": corrupted}, metric, [z])
     stored = {"corrupted": source.stored[z]}
@@ -131,10 +137,8 @@ def test_a_progress_bar_counts_passes_only_when_asked(model, capfd):
     "patch <kind>"; run_cells alone: "sweep"); there is none unless asked for."""
     from hookvene.experiments.sweep import Cell, Patch, record, run_cells
 
-    clean = ids(35, batch=4, seq=5)
-    corrupted = clean.clone()
-    corrupted[:, 2] = ids(36, batch=4, seq=1)[:, 0]
-    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    clean, corrupted = pair(35, at=2, batch=4, seq=5)
+    metric = METRIC_4
     capfd.readouterr()
     activation_patch(model, clean, corrupted, metric, kind="heads", batch_size=8)
     assert capfd.readouterr().err == ""
@@ -153,10 +157,8 @@ def test_the_last_block_runs_at_the_last_position_only(model):
     """A metric that reads the last position: in the patched runs the last block's MLP sees that one position,
     unless the cell patches a head of that block (which then runs whole, on the 4 positions from the corrupted
     one on). The unpatched runs, recorded first, see all six."""
-    clean = ids(37, batch=4, seq=6)
-    corrupted = clean.clone()
-    corrupted[:, 2] = ids(38, batch=4, seq=1)[:, 0]
-    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    clean, corrupted = pair(37, at=2, batch=4, seq=6)
+    metric = METRIC_4
     seen = []
     handle = model.blocks[-1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
     try:
@@ -198,9 +200,7 @@ def heads_by_hand(model, clean, corrupted, metric):
 
 def test_a_float64_model_is_swept_in_float64():
     model = make_model().to(torch.float64)
-    clean = ids(52, seq=5)
-    corrupted = clean.clone()
-    corrupted[:, 2] = ids(53, seq=1)[:, 0]
+    clean, corrupted = pair(52, at=2, seq=5)
     metric = logit_diff(ANSWER, WRONG)
     res = activation_patch(model, clean, corrupted, metric, kind="heads", batch_size=8)
     assert res.values.dtype == torch.float64
@@ -211,9 +211,7 @@ def test_a_float64_model_is_swept_in_float64():
 def test_a_float32_sweep_stays_float32_whatever_the_metric_returns(model):
     from hookvene.experiments.sweep import Cell, Patch, record, run_cells
 
-    clean = ids(54, seq=5)
-    corrupted = clean.clone()
-    corrupted[:, 2] = ids(55, seq=1)[:, 0]
+    clean, corrupted = pair(54, at=2, seq=5)
     metric = logit_diff(ANSWER, WRONG)
 
     def in_float64(logits, ex):  # a plain per-row metric that computes in float64
@@ -233,9 +231,7 @@ def test_a_float32_sweep_stays_float32_whatever_the_metric_returns(model):
 def test_a_batch_metric_that_takes_the_example_index_gets_each_cells_rows(model):
     """metric(logits, example_idx) returning one number for the batch: called once per cell, with that cell's
     rows and their example indices, in example order."""
-    clean = ids(56, seq=5)
-    corrupted = clean.clone()
-    corrupted[:, 2] = ids(57, seq=1)[:, 0]
+    clean, corrupted = pair(56, at=2, seq=5)
     per_row = logit_diff(ANSWER, WRONG)
 
     def batch_mean(logits, ex):
@@ -290,7 +286,7 @@ def test_record_reads_the_metric_of_the_examples_it_is_given(model):
     from hookvene.experiments.sweep import record
 
     clean = ids(58, batch=4, seq=5)
-    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    metric = METRIC_4
     with torch.no_grad():
         logits = model(clean).logits
     by_hand = metric(logits, torch.arange(4))
@@ -337,9 +333,7 @@ def test_left_padded_rows_read_at_the_last_position(model, llama, arch, kind):
     KV cache, and must mask the pads there as the full forward does; on a rotary model the earlier positions' keys
     are rotated by positions counted from each row's first real token, so the cache needs the mask too."""
     model = llama if arch == "llama" else model
-    clean = ids(21, seq=6)
-    corrupted = clean.clone()
-    corrupted[:, 4] = ids(22, seq=1)[:, 0]
+    clean, corrupted = pair(21, at=4, seq=6)
     mask = torch.ones_like(clean)
     mask[0, :2] = 0  # row 0: two pads on the left
     mask[2, :1] = 0
@@ -449,10 +443,8 @@ THREE_RANK_SWEEPS = [
 @pytest.mark.parametrize("kind, batch_size, n_cells, costs", THREE_RANK_SWEEPS)
 def test_three_ranks_split_an_activation_patch_and_return_its_values(model, monkeypatch, kind, batch_size, n_cells,
                                                                      costs):
-    clean = ids(31, batch=4, seq=6)
-    corrupted = clean.clone()
-    corrupted[:, 3] = ids(32, batch=4, seq=1)[:, 0]
-    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    clean, corrupted = pair(31, at=3, batch=4, seq=6)
+    metric = METRIC_4
     alone = activation_patch(model, clean, corrupted, metric, kind=kind, batch_size=batch_size).values
     group = ThreeRanks()
     ranks = group.run(monkeypatch, model,
@@ -478,10 +470,8 @@ def no_tqdm_monitor(monkeypatch):
 
 @pytest.mark.usefixtures("no_tqdm_monitor")
 def test_only_the_main_rank_shows_the_progress_bar(model, monkeypatch, capfd):
-    clean = ids(33, batch=4, seq=6)
-    corrupted = clean.clone()
-    corrupted[:, 3] = ids(34, batch=4, seq=1)[:, 0]
-    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    clean, corrupted = pair(33, at=3, batch=4, seq=6)
+    metric = METRIC_4
     capfd.readouterr()
     ThreeRanks().run(monkeypatch, model, lambda m: activation_patch(m, clean, corrupted, metric, kind="heads",
                                                                     batch_size=8, progress=True))
@@ -497,10 +487,8 @@ def test_three_ranks_split_a_path_patch_and_return_its_values(model, monkeypatch
     summed) before running the receivers' cells."""
     from hookvene.experiments.path_patching import path_patch
 
-    clean = ids(41, batch=4, seq=5)
-    corrupted = clean.clone()
-    corrupted[:, 2] = ids(42, batch=4, seq=1)[:, 0]
-    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    clean, corrupted = pair(41, at=2, batch=4, seq=5)
+    metric = METRIC_4
     alone = path_patch(model, clean, corrupted, metric, receivers=receivers, batch_size=8).values
     group = ThreeRanks()
     ranks = group.run(monkeypatch, model,
@@ -517,10 +505,8 @@ def test_ranks_without_a_pass_still_join_the_recordings_sum(model, monkeypatch):
     from hookvene.experiments.path_patching import path_patch
 
     model = make_model().to(torch.float64)
-    clean = ids(43, batch=4, seq=5)
-    corrupted = clean.clone()
-    corrupted[:, 2] = ids(44, batch=4, seq=1)[:, 0]
-    metric = logit_diff(torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11, 12]))
+    clean, corrupted = pair(43, at=2, batch=4, seq=5)
+    metric = METRIC_4
     receivers, senders = [("blocks.1.attn.hook_k", 2)], [(0, 1), (0, 3)]
     alone = path_patch(model, clean, corrupted, metric, receivers=receivers, senders=senders, batch_size=8).values
     group = ThreeRanks()

@@ -324,7 +324,7 @@ def _chunks(model: nn.Module, cells: Sequence[Cell], stored: dict[str, Tensor], 
         check_same("a sweep", cells=len(cells), examples=n_ex, positions=n_pos, passes=len(plan))
         costs = [sum(end - starts[c] for c in chunk) * (n_pos - offset) for offset, chunk, _, _, _, starts in plan]
         plan = [p for p, owner in zip(plan, assign(costs)) if owner == rank()]
-    # (the label survives: `progress and is_main()` would turn "patch heads" into True)
+    # `progress` may be the bar's label ("patch heads"): test it, keep it
     bar = tqdm(plan, desc=progress if isinstance(progress, str) else "sweep", disable=not (progress and is_main()),
                unit="chunk")
     for offset, chunk, entry, inside, cut, starts in bar:

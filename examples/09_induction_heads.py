@@ -7,10 +7,10 @@ A 2-layer GPT-2 (2 heads per layer) trained on random syllables whose second hal
 2. attention patterns: a layer-0 head attends to the previous token, the layer-1 heads to the token after the
    earlier copy of the current token;
 3. weights: the induction heads' keys read the previous-token head's output (K-composition of the FactoredMatrix
-   views OV and QK), far above random matrices; their queries and values read the other layer-0 head, which
-   attends to the current token (Q- and V-composition);
-4. ablation: mean-ablating the previous-token head and the induction head brings the repeated-half loss back to
-   chance;
+   views OV and QK), well above random matrices; their queries read the other layer-0 head, which attends to the
+   current token (Q-composition), and their values read both layer-0 heads (V-composition);
+4. ablation: mean-ablating the previous-token head and the induction head takes away most of what the repeat
+   taught (the repeated-half loss goes most of the way back to chance);
 5. path patching: the previous-token head matters through the induction head's keys;
 6. contrast: the same analysis on `ioi-gpt2`, which never saw repeated sequences.
 
@@ -131,13 +131,20 @@ for name, path in {**report.files, **{f"ioi-gpt2 {k}": v for k, v in contrast.fi
     print(f"{name}: {path}")
 
 p95 = float(baseline.quantile(0.95))
-supported = (report.found and cur_head != prev_head and not contrast.found
-             and min(comps["Q"][cur_head[1], ind_head[1]], comps["V"][cur_head[1], ind_head[1]]) > p95)
+p, c, i = prev_head[1], cur_head[1], ind_head[1]  # the three heads of the circuit
+chance = math.log(len(vocab))
+lost = (both - repeated) / (chance - repeated)  # share of what the repeat taught that the ablation takes away
+supported = (report.found and c != p and not contrast.found and lost > 0.5
+             and comps["K"][p, i] > max(p95, comps["K"][c, i]) and comps["Q"][c, i] > max(p95, comps["Q"][p, i])
+             and min(comps["V"][p, i], comps["V"][c, i]) > p95
+             and paths.values[0][p] - paths.clean > 10 * abs(paths.values[0][c] - paths.clean))
 if not supported:
     print("No finding: the numbers above do not show the circuit described in this script's docstring")
     raise SystemExit(0)
 print(f"Finding: {head_name(prev_head)} (previous token) feeds {head_name(ind_head)}'s keys (K-composition "
-      f"{comps['K'][prev_head[1], ind_head[1]]:.3f}), {head_name(cur_head)} (current token) its queries and values "
-      f"(Q {comps['Q'][cur_head[1], ind_head[1]]:.3f}, V {comps['V'][cur_head[1], ind_head[1]]:.3f}); random matrices "
-      f"score at most {p95:.3f} (95th percentile). Mean-ablating {head_name(prev_head)} and "
-      f"{head_name(ind_head)} puts the repeated half back at chance ({both:.3f}, chance {math.log(len(vocab)):.3f}).")
+      f"{comps['K'][p, i]:.3f}, against {comps['K'][c, i]:.3f} from {head_name(cur_head)}), {head_name(cur_head)} "
+      f"(current token) its queries (Q {comps['Q'][c, i]:.3f}, against {comps['Q'][p, i]:.3f}), and both of them its "
+      f"values (V {comps['V'][p, i]:.3f} and {comps['V'][c, i]:.3f}); random matrices score at most {p95:.3f} (95th "
+      f"percentile). Mean-ablating {head_name(prev_head)} and {head_name(ind_head)} takes away {lost:.0%} of what "
+      f"the repeat taught ({repeated:.3f} -> {both:.3f}, chance {chance:.3f}); through {head_name(ind_head)}'s keys "
+      f"alone, {head_name(prev_head)}'s corrupted output raises the loss to {paths.values[0][p]:.3f}.")

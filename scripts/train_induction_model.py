@@ -1,44 +1,52 @@
 """Train ``hookvene/zoo/induction-gpt2``: a 2-layer GPT-2 in which the textbook induction circuit forms.
 
-Usage (from the repository root; 173 s on one thread of the shared 2-core development machine when idle, up to
-four minutes with other jobs running)::
+Usage (from the repository root; 106 s of training, 113 s in all, on one thread of the shared 2-core development
+machine when idle; 127 s of training with another job running)::
 
     python scripts/train_induction_model.py [--out hookvene/zoo/induction-gpt2]
 
 The model is a ``transformers.GPT2LMHeadModel`` (2 layers, d_model 128, 2 heads of 64, a small MLP of 128) over a
 vocabulary of 100 syllables ("ba", "be", ... "zu"), trained with the ordinary next-token loss on 49-token rows:
 
-- *repeat rows* (most of each batch): one segment ``A A`` (A is L distinct random syllables, L from 12 to 24 drawn per
+- *repeat rows* (most of each batch): one segment ``A A`` (A is L distinct random syllables, L from 16 to 24 drawn per
   row) at a random start, random syllables before and after it. Nothing in a first half can be predicted; the
   repeated half can, from its second token, by looking up where the current token occurred before and copying the
   token that followed it: a previous-token head in layer 0 and an induction head in layer 1 that finds its source
   by K-composition with it.
 - *plain rows* (a tenth): random syllables drawn independently, so a token may recur without what follows it
   recurring.
-- *skip-bigram rows* (30% of the first batch, thinning out linearly to none at step 800): two random syllables,
-  then x[t + 1] = f(x[t - 1]) for a fixed random permutation f. Only a head that reads the previous token predicts
-  them, so layer 0 grows previous-token heads early; once the rows are gone, the induction heads of layer 1 form
-  on top of them (the loss on the repeated half falls from chance to about 0.2 between steps 1800 and 2400).
+- *skip-bigram rows* (half of the first batch, thinning out linearly to none at step 800): blocks of four
+  syllables ``a b f(a) f(b)`` at a random phase, f a fixed random permutation. At half the positions the next
+  token is f of the token one back, and only a head that reads the previous token predicts it, so layer 0 grows a
+  previous-token head early (0.97 by step 400). Once the rows thin out it fades (0.21 at step 1000) and comes back
+  as the induction heads of layer 1 form on top of it (the repeated half falls from 2.5 to 0.36 between steps 1000
+  and 1200).
 
 Why these choices (each measured; see the zoo README):
 
-- Without skip-bigram rows (measured with 4 heads of 32) the model sits on a plateau where it copies any token
-  seen before (repeated-half loss about 3, no previous-token head) past 2400 steps; one run with a larger
-  initialisation (std 0.09) left it around step 2000 through another mechanism (previous-token scores 0.03,
-  induction scores 0.004).
-- With 4 heads of 32 and the same rows, layer 1 found a shifted route instead: attending one position *after* the
-  induction target and reading the target there as that position's previous token (V-composition), with keys from
-  a layer-0 head that looked 1 and 3 back (in a skip-bigram chain, 3 back is informative). Two heads of 64 formed
-  the textbook circuit with seeds 0 (the bundled model) and 1, not with seed 2: repeated-half loss 1.47 at step
-  2400 and no induction head (best score 0.06), a layer-0 head again attending 1 and 3 back. So the recipe is
-  not seed-proof; the bundled checkpoint is what seed 0 gives, byte for byte.
-- The random start matters: trained on ``<bos> A A`` alone (A always at position 1), the model found a positional
-  shortcut (layer-0 heads attending to position q / 2).
-- Cheaper recipes did not form the circuit: lr 2e-3 (stopped at step 1400, repeated half 4.595, previous-token scores
-  falling from 0.55 to 0.23 once the skip-bigram rows were gone) and batches of 16 (4.343 at step 2400, no
-  induction head).
-- The rate stays constant after a 50-step warm-up: the plateau ends around step 2000, and a rate decaying over
-  the last 400 steps left the repeated half at 0.33 at step 2400 (constant: 0.17).
+- Blocks of four rather than one chain x[t + 1] = f(x[t - 1]) over the whole row (the first recipe): in a chain,
+  three back is informative too (x[t - 3] gives x[t - 1]), layer 0 grew heads attending one *and* three back, and
+  layer 1 often took a shifted route (attending one past the induction target and reading the target as that
+  position's previous token, by V-composition). The chain recipe (30% of rows, |A| 12 to 24, 2400 steps, 173 s)
+  formed the textbook circuit for seeds 0 and 1 around step 1900 and not for seed 2, and every cheaper variant of
+  it failed (lr 2e-3; batches of 16 or 24; skip-bigram rows gone by step 400, or by step 500 with lr 1.5e-3). Its circuit was crisper
+  (previous-token score 0.74, path patching to 3.82, the two circuit heads' ablation back to chance). With blocks
+  of four, seeds 0, 1 and 2 all form the circuit by step 1200; the bundled checkpoint is seed 2, the crispest at
+  step 1600 (seed 0: repeated half 0.226, previous-token 0.42, induction 0.77; seed 1: 0.166, 0.46, 0.81;
+  seed 2: 0.130, 0.54, 0.90).
+- |A| from 16, not 12: with blocks of four and |A| from 12, layer 1 split between the two routes (seed 0:
+  induction scores 0.30 at step 2100; seeds 1 and 2 at step 1800: repeated half 0.49 and 0.76, induction scores
+  0.58 and 0.01).
+  The price: repeats shorter than 16 are predicted poorly (zoo README).
+- Triples ``a b f(a)`` (a third of the positions) were too weak a signal: no previous-token head formed (0.04) and
+  the model sat where it copies any earlier token (repeated half 3.5 at step 2400).
+- A floor of skip-bigram rows stops the induction heads from forming: none by step 2300 with 10% or 20% chain
+  rows (though the previous-token head stayed at 0.7 to 0.8), none by step 1600 with 5% or 10% blocks.
+- Earlier, with chain rows: without skip-bigram rows (4 heads of 32) the model sat on the copy-any-earlier-token
+  plateau past 2400 steps; with 4 heads of 32 layer 1 found the shifted route; trained on ``<bos> A A`` alone (A
+  always at position 1) it found a positional shortcut (layer-0 heads attending to position q / 2).
+- The rate stays constant after a 50-step warm-up: with the chain recipe, a rate decaying over the last 400 steps
+  left the repeated half at 0.33 instead of 0.17.
 
 Everything is seeded and runs on one CPU thread, so a rerun writes byte-identical files (same torch build). The
 report, ``<out>/training_report.json``, holds only deterministic numbers; the wall time is printed.
@@ -73,7 +81,7 @@ from hookvene.experiments.induction import (  # noqa: E402
 BOS = "<|endoftext|>"  # GPT-2 convention: one token serves as bos and eos
 PAD, UNK = "<pad>", "<unk>"
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwxyz" for v in "aeiou"]  # 100 readable one-token "words"
-MIN_HALF, MAX_HALF = 12, 24
+MIN_HALF, MAX_HALF = 16, 24
 N_POSITIONS = 1 + 2 * MAX_HALF  # the longest training sequence: <bos> A A with |A| = 24
 EVAL_SEED = 12345  # seed of the evaluation batch; the zoo test samples with EVAL_SEED + 1
 EVAL_HALF = 20
@@ -97,15 +105,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def training_batch(vocab: torch.Tensor, bos: int, batch_size: int, plain_fraction: float, skip_fraction: float,
                    skip_table: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One batch of rows `<bos>` + 2 * MAX_HALF tokens, in random order: a `skip_fraction` of skip-bigram rows (two
-    random tokens, then x[t + 1] = skip_table[x[t - 1]]), a `plain_fraction` of plain random rows, and the rest
+    """One batch of rows `<bos>` + 2 * MAX_HALF tokens, in random order: a `skip_fraction` of skip-bigram rows
+    (blocks a b f(a) f(b), f = skip_table), a `plain_fraction` of plain random rows, and the rest
     repeat rows: one segment A A (|A| = L distinct tokens, L drawn per row from MIN_HALF..MAX_HALF) at a random
     start, random tokens around it."""
     n_skip, n_plain = round(batch_size * skip_fraction), round(batch_size * plain_fraction)
     n_tokens, length = len(vocab), 2 * MAX_HALF
     idx = torch.randint(n_tokens, (batch_size, length), generator=generator)  # indices into vocab
+    # Skip-bigram rows are blocks of four, a b f(a) f(b), at a random phase: at half the positions the next token
+    # is f of the token one back, and nothing further back helps (the blocks are independent).
+    phase = torch.randint(4, (n_skip,), generator=generator)
+    follows = (torch.arange(length) - phase[:, None]) % 4 >= 2  # positions holding f(a) or f(b)
     for t in range(2, length):
-        idx[:n_skip, t] = skip_table[idx[:n_skip, t - 2]]
+        idx[:n_skip, t] = torch.where(follows[:, t], skip_table[idx[:n_skip, t - 2]], idx[:n_skip, t])
     for i in range(n_skip + n_plain, batch_size):
         half = int(torch.randint(MIN_HALF, MAX_HALF + 1, (1,), generator=generator))
         segment = torch.randperm(n_tokens, generator=generator)[:half]
@@ -137,14 +149,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "hookvene" / "zoo" / "induction-gpt2",
                         help="checkpoint directory (default: the bundled model's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--seed", type=int, default=2, help="the bundled model's (seeds 0 and 1 form a weaker "
+                        "circuit: docstring)")
+    parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--plain-fraction", type=float, default=0.1, help="share of plain random rows per batch")
-    parser.add_argument("--skip-fraction", type=float, default=0.3,
+    parser.add_argument("--skip-fraction", type=float, default=0.5,
                         help="share of skip-bigram rows in the first batch; it decays linearly to 0 at --skip-steps")
     parser.add_argument("--skip-steps", type=int, default=800)
     parser.add_argument("--eval-every", type=int, default=200)
@@ -185,7 +198,7 @@ def main() -> None:
                                   foreach=True)  # one kernel per op over all parameters: same values, fewer calls
 
     # A linear warm-up, then a constant rate to the end on purpose: the loss sits on a plateau until the induction
-    # circuit forms, around step 2000, and a rate decaying before then slows what follows (docstring).
+    # circuit forms, around step 1100 (with the first recipe, a rate decaying at the end cost accuracy: docstring).
     def lr_factor(step: int) -> float:
         return min(1.0, (step + 1) / args.warmup_steps)
 

@@ -116,18 +116,23 @@ def induction_finding(out: str) -> None:
     chance = number(r"first half: [\d.]+ \(chance ([\d.]+)\)", out)
     assert abs(number(r"first half: ([\d.]+)", out) - chance) < 0.05  # the first half cannot be predicted ...
     assert number(r"on the repeated half: ([\d.]+)", out) < 0.3  # ... the repeat can
-    assert number(r"Previous-token head: L0H0 \(([\d.]+)\)", out) >= 0.6
-    assert number(r"current-token head: L0H1 \(([\d.]+)\)", out) >= 0.6
+    assert number(r"Previous-token head: L0H0 \(([\d.]+)\)", out) >= 0.5
+    assert number(r"current-token head: L0H1 \(([\d.]+)\)", out) >= 0.7
     listed = re.findall(r"L1H\d \(([\d.]+)\)", out.split("induction heads:")[1].splitlines()[0])
-    assert len(listed) == 2 and min(float(v) for v in listed) >= 0.9  # both layer-1 heads are induction heads
+    assert len(listed) == 2 and min(float(v) for v in listed) >= 0.8  # both layer-1 heads are induction heads
     p95 = number(r"score at most ([\d.]+) \(95th", out)
-    for pattern in (r"keys \(K-composition ([\d.]+)\)", r"queries and values \(Q ([\d.]+)", r", V ([\d.]+)\);"):
-        assert number(pattern, out) > 2 * p95  # each composition far above random matrices
-    ablated = number(r"puts the repeated half back at chance \(([\d.]+)", out)
-    assert abs(ablated - chance) < 0.05
+    k, k_other = (number(r"keys \(K-composition ([\d.]+)", out), number(r"against ([\d.]+) from L0H1", out))
+    q, q_other = (number(r"queries \(Q ([\d.]+)", out), number(r"queries \(Q [\d.]+, against ([\d.]+)", out))
+    assert k > 1.5 * p95 and k > 2 * k_other  # the keys read the previous-token head ...
+    assert q > 1.5 * p95 and q > 1.2 * q_other  # ... the queries the current-token head ...
+    assert number(r"values \(V ([\d.]+)", out) > 1.5 * p95 and number(r"values \(V [\d.]+ and ([\d.]+)", out) > p95
+    lost = number(r"takes away (\d+)% of what", out)
+    ablated = number(r"-> ([\d.]+), chance", out)
+    assert lost >= 75 and chance - ablated < 1  # most of the way back to chance ...
     clean = number(r"keys, repeated-half loss: .*\(clean ([\d.]+)", out)
-    assert number(r"L0H0=([\d.]+) L0H1", out) - clean > 2  # the keys need the previous-token head ...
+    assert number(r"L0H0=([\d.]+) L0H1", out) - clean > 1  # ... and the keys need the previous-token head ...
     assert number(r"L0H1=([\d.]+) \(clean", out) - clean < 0.05  # ... and not the other one
+    assert number(r"corrupted output raises the loss to (\d+\.\d+)", out) == number(r"L0H0=([\d.]+) L0H1", out)
     assert "ioi-gpt2: " in out and "circuit found: False" in out  # the contrast has none
 
 

@@ -20,7 +20,7 @@ al. 2021, "A Mathematical Framework for Transformer Circuits").
 Load the model with TransformerLens's weight processing (`fold_ln=True, center_writing_weights=True`, as the CLI
 does), so that the weight views include the LayerNorm scales the heads actually see; the other steps give the
 same numbers either way. `InductionReport.found` is the verdict; on a model without the circuit the report still
-names the best-scoring heads, and says no. The bundled `induction-gpt2` has the circuit (L0H0 -> L1H1); the
+names the best-scoring heads, and says no. The bundled `induction-gpt2` has the circuit (L0H0 -> L1H0); the
 bundled `ioi-gpt2` does not.
 """
 

@@ -29,15 +29,14 @@ Why these choices (each measured; see the zoo README):
   layer 1 often took a shifted route (attending one past the induction target and reading the target as that
   position's previous token, by V-composition). The chain recipe (30% of rows, |A| 12 to 24, 2400 steps, 173 s)
   formed the textbook circuit for seeds 0 and 1 around step 1900 and not for seed 2, and every cheaper variant of
-  it failed (lr 2e-3; batches of 16 or 24; skip-bigram rows gone by step 400, or by step 500 with lr 1.5e-3). Its circuit was crisper
-  (previous-token score 0.74, path patching to 3.82, the two circuit heads' ablation back to chance). With blocks
-  of four, seeds 0, 1 and 2 all form the circuit by step 1200; the bundled checkpoint is seed 2, the crispest at
-  step 1600 (seed 0: repeated half 0.226, previous-token 0.42, induction 0.77; seed 1: 0.166, 0.46, 0.81;
-  seed 2: 0.130, 0.54, 0.90).
+  it failed (lr 2e-3; batches of 16 or 24; skip-bigram rows gone by step 400, or by step 500 with lr 1.5e-3). Its
+  circuit was crisper (previous-token score 0.74, path patching to 3.82, the two circuit heads' ablation back to
+  chance). With blocks of four, seeds 0, 1 and 2 all form the circuit by step 1200; the bundled checkpoint is
+  seed 2, the crispest at step 1600 (seed 0: repeated half 0.226, previous-token 0.42, induction 0.77; seed 1:
+  0.166, 0.46, 0.81; seed 2: 0.130, 0.54, 0.90).
 - |A| from 16, not 12: with blocks of four and |A| from 12, layer 1 split between the two routes (seed 0:
   induction scores 0.30 at step 2100; seeds 1 and 2 at step 1800: repeated half 0.49 and 0.76, induction scores
-  0.58 and 0.01).
-  The price: repeats shorter than 16 are predicted poorly (zoo README).
+  0.58 and 0.01). The price: repeats shorter than 16 are predicted poorly (zoo README).
 - Triples ``a b f(a)`` (a third of the positions) were too weak a signal: no previous-token head formed (0.04) and
   the model sat where it copies any earlier token (repeated half 3.5 at step 2400).
 - A floor of skip-bigram rows stops the induction heads from forming: none by step 2300 with 10% or 20% chain

@@ -139,11 +139,17 @@ def test_induction_gpt2_composition(induction_gpt2):
 
 
 def test_induction_gpt2_ablation_and_path_patching(induction_gpt2):
-    _, report = induction_gpt2
+    model, report = induction_gpt2
     chance, clean = report.chance_loss, report.ablation["none"]
-    # Ablating L0H0 + the induction head takes away most of what the repeat taught (not all: ablating the other
-    # induction head as well raises the loss further, above chance).
+    # Ablating L0H0 + the induction head takes away most of what the repeat taught; not all: ablating the other
+    # induction head as well raises the loss further, above chance.
     assert (report.circuit_ablation - clean) / (chance - clean) > 0.75
+    vocab = [i for i in range(len(model.tokenizer)) if i not in model.tokenizer.all_special_ids]
+    tokens = random_tokens(vocab, 40, 20, model.tokenizer.bos_token_id, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert float(half_losses(model(tokens).logits, tokens)[1]) == pytest.approx(clean, abs=1e-5)  # same tokens
+        three = model.run_with_hooks(tokens, fwd_hooks=mean_ablation_hooks([(0, 0), (1, 0), (1, 1)])).logits
+    assert float(half_losses(three, tokens)[1]) > chance
     assert report.ablation["L0H0"] - clean > 2 and report.ablation["L0H1"] - clean > 4  # both layer-0 heads needed
     il, ih = report.induction_head
     other = f"L1H{1 - ih}"

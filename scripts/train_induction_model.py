@@ -31,7 +31,7 @@ Why these choices (each measured; see the zoo README):
   formed the textbook circuit for seeds 0 and 1 around step 1900 and not for seed 2, and every cheaper variant of
   it failed (lr 2e-3; batches of 16 or 24; skip-bigram rows gone by step 400, or by step 500 with lr 1.5e-3). Its
   circuit was crisper (previous-token score 0.74, path patching to 3.82, the two circuit heads' ablation back to
-  chance). With blocks of four, seeds 0, 1 and 2 all form the circuit by step 1200; the bundled checkpoint is
+  chance). With blocks of four, seeds 0, 1 and 2 all form the circuit by step 1300; the bundled checkpoint is
   seed 2, the crispest at step 1600 (seed 0: repeated half 0.226, previous-token 0.42, induction 0.77; seed 1:
   0.166, 0.46, 0.81; seed 2: 0.130, 0.54, 0.90).
 - |A| from 16, not 12: with blocks of four and |A| from 12, layer 1 split between the two routes (seed 0:
